@@ -1,0 +1,403 @@
+// CPU kernel of lo_ops::small_fc_lopt_step_.
+//
+// Three passes over a whole bucket of parameters, each one at::parallel_for over a work list
+// that spans all tensors (so 300 small tensors cost three parallel regions, not 900):
+//   1. factored tensors: row/column means of g^2 update r and c, then the per-row mean of r
+//      gives the row factors (small arrays, kept in a scratch buffer);
+//   2. every element: momentum, rms and diagonal accumulators are updated in place and the
+//      sum of squares of each of the 28 features is accumulated per chunk (in double);
+//   3. every element: features are rebuilt, normalised (the scales are folded into the first
+//      layer), pushed through the MLP a tile of kLanes elements at a time, and p is updated.
+// No [n, 39] feature tensor is ever formed. Chunks have a fixed size, and per-chunk partial
+// sums are combined in chunk order, so results do not depend on the number of threads.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <vector>
+
+#include "../small_fc_lopt.h"
+#include "../small_fc_lopt_math.h"
+
+// Hot loops get an AVX-512 and an AVX2 clone next to the baseline one; the loader picks one
+// for the machine it runs on (no -march=native in the build).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LO_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define LO_CPU_CLONES
+#endif
+
+namespace lo_ops {
+namespace {
+
+using namespace small_fc_lopt;
+
+constexpr int64_t kChunk = 4096;       // elements per work item of passes 2 and 3
+constexpr int64_t kReduceWork = 16384; // elements per work item of pass 1
+constexpr int kLanes = 16;             // elements per MLP tile
+
+struct TensorWork {
+  SmallFCLOptTensorInfo info;
+  at::Tensor p;  // contiguous (a copy when the parameter is not)
+  at::Tensor g;  // contiguous
+  float* m = nullptr;
+  float* v = nullptr;
+  float* row = nullptr;   // r (factored) or u (unfactored)
+  float* col = nullptr;   // c (factored)
+  float* row_rsqrt = nullptr;   // scratch, factored: rsqrt(r + 1e-8)
+  float* row_fac = nullptr;     // scratch, factored: row_factor
+  float* col_rsqrt = nullptr;   // scratch, factored: rsqrt(c + 1e-8)
+  float* col_fac = nullptr;     // scratch, factored: col_factor
+  float t = 0.f;  // steps already taken
+  int64_t first_chunk = 0;
+  int64_t num_chunks = 0;
+  std::array<float, kHidden * kFeatures> w0s{};  // first layer with normalisation folded in
+  std::array<float, kHidden> b0t{};              // first bias with time features folded in
+};
+
+// A reduction over the middle axis of a [O, R, I] view, for o in [o0, o1) and i in [i0, i1).
+struct ReduceTask {
+  int tensor;
+  int kind;  // 0: g^2 over d0 -> r, 1: g^2 over d1 -> c, 2: r over its d1 -> row factor
+  int64_t O, R, I;
+  int64_t o0, o1, i0, i1;
+};
+
+template <typename scalar_t>
+inline float load(const scalar_t* ptr, int64_t i) {
+  return static_cast<float>(ptr[i]);
+}
+
+void add_reduce_tasks(std::vector<ReduceTask>& tasks, int tensor, int kind, int64_t O,
+                      int64_t R, int64_t I) {
+  const int64_t ib = std::min<int64_t>(I, 256);
+  const int64_t per_task = std::max<int64_t>(1, kReduceWork / std::max<int64_t>(1, R * ib));
+  for (int64_t o0 = 0; o0 < O; o0 += per_task)
+    for (int64_t i0 = 0; i0 < I; i0 += ib)
+      tasks.push_back({tensor, kind, O, R, I, o0, std::min(O, o0 + per_task), i0,
+                       std::min(I, i0 + ib)});
+}
+
+// sum over r of value(o, r, i) for i in [i0, i1), accumulated in double, in a fixed order.
+template <typename F>
+void reduce_middle(const ReduceTask& t, int64_t o, F value, double* acc) {
+  const int64_t width = t.i1 - t.i0;
+  if (width == 1) {
+    // A contiguous reduction: four interleaved partial sums, combined in a fixed order.
+    double part[4] = {0, 0, 0, 0};
+    int64_t r = 0;
+    for (; r + 4 <= t.R; r += 4)
+      for (int k = 0; k < 4; ++k) part[k] += value((o * t.R + r + k) * t.I + t.i0);
+    for (; r < t.R; ++r) part[r & 3] += value((o * t.R + r) * t.I + t.i0);
+    acc[0] = (part[0] + part[1]) + (part[2] + part[3]);
+    return;
+  }
+  for (int64_t i = 0; i < width; ++i) acc[i] = 0.0;
+  for (int64_t r = 0; r < t.R; ++r) {
+    const int64_t base = (o * t.R + r) * t.I + t.i0;
+    for (int64_t i = 0; i < width; ++i) acc[i] += value(base + i);
+  }
+}
+
+template <typename scalar_t>
+LO_CPU_CLONES void run_reduce_task(const ReduceTask& t, TensorWork& w, const float* decays) {
+  double acc[256];
+  if (t.kind == 0 || t.kind == 1) {
+    const scalar_t* g = w.g.data_ptr<scalar_t>();
+    float* state = t.kind == 0 ? w.row : w.col;
+    const int64_t size = t.kind == 0 ? w.info.geo.row_numel() : w.info.geo.col_numel();
+    for (int64_t o = t.o0; o < t.o1; ++o) {
+      reduce_middle(t, o, [&](int64_t e) { return static_cast<double>(factored_gsq(load(g, e))); },
+                    acc);
+      for (int64_t i = t.i0; i < t.i1; ++i) {
+        const int64_t idx = o * t.I + i;
+        const float mean = static_cast<float>(acc[i - t.i0] / static_cast<double>(t.R));
+        for (int k = 0; k < kFactoredChannels; ++k) {
+          const float decay = clip01(decays[kDecayFactored + k]);
+          float& s = state[k * size + idx];
+          s = ema(s, mean, decay);
+          if (t.kind == 0) {
+            w.row_rsqrt[k * size + idx] = accumulator_rsqrt(s);
+          } else {
+            w.col_rsqrt[k * size + idx] = accumulator_rsqrt(s);
+            w.col_fac[k * size + idx] = col_factor(s);
+          }
+        }
+      }
+    }
+    return;
+  }
+  // kind 2: mean of r over its copy of d1, then the row factors of that row.
+  const int64_t size = w.info.geo.row_numel();
+  for (int k = 0; k < kFactoredChannels; ++k) {
+    const float* r = w.row + k * size;
+    for (int64_t o = t.o0; o < t.o1; ++o) {
+      reduce_middle(t, o, [&](int64_t e) { return static_cast<double>(r[e]); }, acc);
+      for (int64_t i = t.i0; i < t.i1; ++i) {
+        const float mean = static_cast<float>(acc[i - t.i0] / static_cast<double>(t.R));
+        for (int64_t rr = 0; rr < t.R; ++rr) {
+          const int64_t e = (o * t.R + rr) * t.I + i;
+          w.row_fac[k * size + e] = row_factor(r[e], mean);
+        }
+      }
+    }
+  }
+}
+
+// Gathers the inputs of `count` consecutive elements starting at `e0` into x (features,
+// un-normalised). With `update_state`, the momentum, rms and diagonal accumulators are
+// updated in place first (pass 2); otherwise they are read as updated (pass 3).
+template <typename scalar_t, bool update_state>
+inline void tile_features(TensorWork& w, int64_t e0, int count, const float* decays,
+                          float (&x)[kFeatures][kLanes], float (&pv)[kLanes]) {
+  const scalar_t* g = w.g.data_ptr<scalar_t>();
+  const scalar_t* p = w.p.data_ptr<scalar_t>();
+  const int64_t n = w.info.numel;
+  int64_t ri[kLanes], ci[kLanes];
+  if (w.info.factored) {
+    FactoredCursor cur(w.info.geo, e0);
+    for (int l = 0; l < count; ++l, cur.next()) {
+      ri[l] = cur.row_index();
+      ci[l] = cur.col_index();
+    }
+  }
+  const int64_t rsize = w.info.factored ? w.info.geo.row_numel() : n;
+  const int64_t csize = w.info.factored ? w.info.geo.col_numel() : n;
+  for (int l = 0; l < kLanes; ++l) {
+    if (l >= count) {  // padding lanes: harmless finite inputs, results discarded
+      for (int c = 0; c < kFeatures; ++c) x[c][l] = 0.f;
+      pv[l] = 0.f;
+      continue;
+    }
+    const int64_t e = e0 + l;
+    ElementInputs in;
+    in.g = load(g, e);
+    in.p = load(p, e);
+    pv[l] = in.p;
+    for (int k = 0; k < kMomentumChannels; ++k) {
+      float& m = w.m[k * n + e];
+      if (update_state) m = ema(m, in.g, decays[kDecayMomentum + k]);
+      in.m[k] = m;
+    }
+    float& v = w.v[e];
+    if (update_state) v = ema(v, in.g * in.g, clip01(decays[kDecayRms]));
+    in.v = v;
+    if (w.info.factored) {
+      float r[kFactoredChannels], c[kFactoredChannels], rs[kFactoredChannels],
+          cs[kFactoredChannels], rf[kFactoredChannels], cf[kFactoredChannels];
+      for (int k = 0; k < kFactoredChannels; ++k) {
+        r[k] = w.row[k * rsize + ri[l]];
+        rs[k] = w.row_rsqrt[k * rsize + ri[l]];
+        rf[k] = w.row_fac[k * rsize + ri[l]];
+        c[k] = w.col[k * csize + ci[l]];
+        cs[k] = w.col_rsqrt[k * csize + ci[l]];
+        cf[k] = w.col_fac[k * csize + ci[l]];
+      }
+      set_factored(in, r, c, rs, cs, rf, cf);
+    } else {
+      float u[kFactoredChannels];
+      for (int k = 0; k < kFactoredChannels; ++k) {
+        float& s = w.row[k * n + e];
+        if (update_state) s = ema(s, factored_gsq(in.g), clip01(decays[kDecayFactored + k]));
+        u[k] = s;
+      }
+      set_unfactored(in, u);
+    }
+    float f[kFeatures];
+    features(in, f);
+    for (int c = 0; c < kFeatures; ++c) x[c][l] = f[c];
+  }
+}
+
+template <typename scalar_t>
+LO_CPU_CLONES void accumulate_chunk(TensorWork& w, int64_t e0, int64_t e1, const float* decays,
+                                    double* sums) {
+  double acc[kFeatures][kLanes];
+  for (int c = 0; c < kFeatures; ++c)
+    for (int l = 0; l < kLanes; ++l) acc[c][l] = 0.0;
+  float x[kFeatures][kLanes];
+  float pv[kLanes];
+  for (int64_t e = e0; e < e1; e += kLanes) {
+    const int count = static_cast<int>(std::min<int64_t>(kLanes, e1 - e));
+    tile_features<scalar_t, true>(w, e, count, decays, x, pv);
+    for (int c = 0; c < kFeatures; ++c)
+      for (int l = 0; l < kLanes; ++l) acc[c][l] += static_cast<double>(x[c][l]) * x[c][l];
+  }
+  for (int c = 0; c < kFeatures; ++c) {
+    double s = 0.0;
+    for (int l = 0; l < kLanes; ++l) s += acc[c][l];
+    sums[c] = s;
+  }
+}
+
+template <typename scalar_t>
+LO_CPU_CLONES void update_chunk(TensorWork& w, int64_t e0, int64_t e1, const float* decays,
+                                const float* weights, float lr, float weight_decay,
+                                float step_mult, float exp_mult) {
+  scalar_t* p = w.p.data_ptr<scalar_t>();
+  float x[kFeatures][kLanes];
+  float pv[kLanes];
+  float out[kOutputs][kLanes];
+  for (int64_t e = e0; e < e1; e += kLanes) {
+    const int count = static_cast<int>(std::min<int64_t>(kLanes, e1 - e));
+    tile_features<scalar_t, false>(w, e, count, decays, x, pv);
+    mlp_tile<kLanes>(x, w.w0s.data(), w.b0t.data(), weights + kW1, weights + kB1,
+                     weights + kW2, weights + kB2, out);
+    for (int l = 0; l < count; ++l) {
+      const float step = step_from_outputs(out[0][l], out[1][l], exp_mult, step_mult);
+      p[e + l] = static_cast<scalar_t>(apply_step(pv[l], step, lr, weight_decay));
+    }
+  }
+}
+
+// Folds the normalisation scales and the time features into the first layer of `w`.
+void fold_first_layer(TensorWork& w, const double* sums, const float* weights) {
+  float scale[kFeatures];
+  for (int c = 0; c < kFeatures; ++c) scale[c] = normalisation_scale(sums[c], w.info.numel);
+  float tf[kTimeFeatures];
+  for (int k = 0; k < kTimeFeatures; ++k) tf[k] = time_feature(w.t, k);
+  for (int j = 0; j < kHidden; ++j) {
+    const float* row = weights + kW0 + j * kInputs;
+    for (int c = 0; c < kFeatures; ++c) w.w0s[j * kFeatures + c] = row[c] * scale[c];
+    float b = weights[kB0 + j];
+    for (int k = 0; k < kTimeFeatures; ++k) b += row[kFeatures + k] * tf[k];
+    w.b0t[j] = b;
+  }
+}
+
+template <typename scalar_t>
+void step_bucket(std::vector<TensorWork>& work, const float* decays, const float* weights,
+                 float lr, double weight_decay, double step_mult, double exp_mult) {
+  // Pass 1: factored second moments.
+  std::vector<ReduceTask> reduce;
+  for (int ti = 0; ti < static_cast<int>(work.size()); ++ti) {
+    const auto& w = work[ti];
+    if (!w.info.factored || w.info.numel == 0) continue;
+    const auto& geo = w.info.geo;
+    // Sum over P: view [A, P, B*Q*C]; sum over Q: view [A*P*B, Q, C].
+    const int kind_p = geo.d0_is_p ? 0 : 1;
+    add_reduce_tasks(reduce, ti, kind_p, geo.A, geo.P, geo.B * geo.Q * geo.C);
+    add_reduce_tasks(reduce, ti, 1 - kind_p, geo.A * geo.P * geo.B, geo.Q, geo.C);
+  }
+  at::parallel_for(0, static_cast<int64_t>(reduce.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i)
+      run_reduce_task<scalar_t>(reduce[i], work[reduce[i].tensor], decays);
+  });
+  reduce.clear();
+  for (int ti = 0; ti < static_cast<int>(work.size()); ++ti) {
+    const auto& w = work[ti];
+    if (!w.info.factored || w.info.numel == 0) continue;
+    const auto& geo = w.info.geo;
+    // r drops d0; its copy of d1 is Q when d0 is P (view [A*B, Q, C]), else P ([A, P, B*C]).
+    if (geo.d0_is_p)
+      add_reduce_tasks(reduce, ti, 2, geo.A * geo.B, geo.Q, geo.C);
+    else
+      add_reduce_tasks(reduce, ti, 2, geo.A, geo.P, geo.B * geo.C);
+  }
+  at::parallel_for(0, static_cast<int64_t>(reduce.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i)
+      run_reduce_task<scalar_t>(reduce[i], work[reduce[i].tensor], decays);
+  });
+
+  // Pass 2: per-element accumulators and feature statistics.
+  struct Chunk {
+    int tensor;
+    int64_t e0, e1;
+  };
+  std::vector<Chunk> chunks;
+  for (int ti = 0; ti < static_cast<int>(work.size()); ++ti) {
+    auto& w = work[ti];
+    w.first_chunk = static_cast<int64_t>(chunks.size());
+    for (int64_t e0 = 0; e0 < w.info.numel; e0 += kChunk)
+      chunks.push_back({ti, e0, std::min(w.info.numel, e0 + kChunk)});
+    w.num_chunks = static_cast<int64_t>(chunks.size()) - w.first_chunk;
+  }
+  std::vector<double> sums(chunks.size() * kFeatures);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i)
+      accumulate_chunk<scalar_t>(work[chunks[i].tensor], chunks[i].e0, chunks[i].e1, decays,
+                                 sums.data() + i * kFeatures);
+  });
+  for (auto& w : work) {
+    if (w.info.numel == 0) continue;
+    double total[kFeatures] = {};
+    for (int64_t ci = w.first_chunk; ci < w.first_chunk + w.num_chunks; ++ci)
+      for (int c = 0; c < kFeatures; ++c) total[c] += sums[ci * kFeatures + c];
+    fold_first_layer(w, total, weights);
+  }
+
+  // Pass 3: normalise, MLP, update.
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i)
+      update_chunk<scalar_t>(work[chunks[i].tensor], chunks[i].e0, chunks[i].e1, decays,
+                             weights, lr, static_cast<float>(weight_decay),
+                             static_cast<float>(step_mult), static_cast<float>(exp_mult));
+  });
+}
+
+void small_fc_lopt_step_cpu(at::TensorList params, at::TensorList grads,
+                            at::TensorList momentum, at::TensorList rms,
+                            at::TensorList fac_row, at::TensorList fac_col,
+                            at::TensorList fac_diag, at::TensorList state_steps,
+                            const at::Tensor& lr, const at::Tensor& meta_weights,
+                            const at::Tensor& decays, double weight_decay, double step_mult,
+                            double exp_mult) {
+  const auto infos = check_small_fc_lopt_inputs(params, grads, momentum, rms, fac_row, fac_col,
+                                                fac_diag, state_steps, lr, meta_weights, decays);
+  if (params.empty()) return;
+  const float lr_value = lr.item<float>();
+
+  // Scratch for the factored row/column factors: 2 * 3 * (|r| + |c|) floats per tensor.
+  int64_t scratch_numel = 0;
+  for (const auto& info : infos)
+    if (info.factored)
+      scratch_numel += 2 * kFactoredChannels * (info.geo.row_numel() + info.geo.col_numel());
+  at::Tensor scratch = at::empty({scratch_numel}, meta_weights.options());
+  float* sp = scratch.data_ptr<float>();
+
+  std::vector<TensorWork> work(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    auto& w = work[i];
+    w.info = infos[i];
+    w.p = params[i].contiguous();
+    w.g = grads[i].contiguous();
+    w.m = momentum[i].data_ptr<float>();
+    w.v = rms[i].data_ptr<float>();
+    w.t = state_steps[i].item<float>();
+    if (w.info.factored) {
+      const int64_t rsize = kFactoredChannels * w.info.geo.row_numel();
+      const int64_t csize = kFactoredChannels * w.info.geo.col_numel();
+      w.row = fac_row[w.info.state_index].data_ptr<float>();
+      w.col = fac_col[w.info.state_index].data_ptr<float>();
+      w.row_rsqrt = sp;
+      w.row_fac = sp + rsize;
+      w.col_rsqrt = sp + 2 * rsize;
+      w.col_fac = sp + 2 * rsize + csize;
+      sp += 2 * (rsize + csize);
+    } else {
+      w.row = fac_diag[w.info.state_index].data_ptr<float>();
+    }
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(),
+                                  "small_fc_lopt_step_cpu", [&] {
+                                    step_bucket<scalar_t>(work, decays.data_ptr<float>(),
+                                                          meta_weights.data_ptr<float>(),
+                                                          lr_value, weight_decay, step_mult,
+                                                          exp_mult);
+                                  });
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (!params[i].is_same(work[i].p)) params[i].copy_(work[i].p);
+    *state_steps[i].data_ptr<float>() += 1.0f;
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lo_ops, CPU, m) {
+  m.impl("small_fc_lopt_step_", &small_fc_lopt_step_cpu);
+}
+
+}  // namespace lo_ops

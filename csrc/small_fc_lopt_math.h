@@ -1,0 +1,196 @@
+// Per-element arithmetic of small_fc_lopt, shared by the CPU and CUDA kernels.
+//
+// Everything here is float32 and follows ../shared/spec/ALGORITHMS.md sections 1 and 2.
+// Backend files only gather the inputs of an element (indexing), reduce, and launch.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define LO_HD __host__ __device__ __forceinline__
+#else
+#define LO_HD inline
+#endif
+
+namespace lo_ops {
+namespace small_fc_lopt {
+
+constexpr int kMomentumChannels = 3;
+constexpr int kFactoredChannels = 3;
+constexpr int kFeatures = 28;       // normalised per-element features
+constexpr int kTimeFeatures = 11;   // tanh(t / s - 1), identical for every element
+constexpr int kInputs = kFeatures + kTimeFeatures;  // 39
+constexpr int kHidden = 32;
+constexpr int kOutputs = 2;
+// Layout of the packed meta-network weights (PyTorch [out, in] Linear layout).
+constexpr int kW0 = 0;                              // [kHidden, kInputs]
+constexpr int kB0 = kW0 + kHidden * kInputs;        // [kHidden]
+constexpr int kW1 = kB0 + kHidden;                  // [kHidden, kHidden]
+constexpr int kB1 = kW1 + kHidden * kHidden;        // [kHidden]
+constexpr int kW2 = kB1 + kHidden;                  // [kOutputs, kHidden]
+constexpr int kB2 = kW2 + kOutputs * kHidden;       // [kOutputs]
+constexpr int kPackedWeights = kB2 + kOutputs;
+// Decays, packed: momentum (3), rms (1), factored (3).
+constexpr int kDecayMomentum = 0;
+constexpr int kDecayRms = 3;
+constexpr int kDecayFactored = 4;
+constexpr int kDecays = 7;
+
+LO_HD float time_scale(int k) {
+  constexpr float kScales[kTimeFeatures] = {1.f,    3.f,     10.f,    30.f,     100.f,   300.f,
+                                            1000.f, 3000.f, 10000.f, 30000.f, 100000.f};
+  return kScales[k];
+}
+
+LO_HD float time_feature(float t, int k) { return tanhf(t / time_scale(k) - 1.0f); }
+
+LO_HD float rsqrt_exact(float x) { return 1.0f / sqrtf(x); }
+LO_HD float safe_rsqrt(float x) { return rsqrt_exact(fmaxf(x, 1e-9f)); }
+
+// Exponential moving average as the original writes it: decay * state + (1 - decay) * value.
+LO_HD float ema(float state, float value, float decay) {
+  return decay * state + (1.0f - decay) * value;
+}
+
+LO_HD float clip01(float x) { return fminf(fmaxf(x, 0.0f), 1.0f); }
+
+// g^2 + 1e-30: the input of the factored / diagonal second moments.
+LO_HD float factored_gsq(float g) { return g * g + 1e-30f; }
+
+// Factored second-moment factors, from the updated row/column accumulators.
+LO_HD float row_factor(float r, float r_mean_over_d1) { return safe_rsqrt(r / (r_mean_over_d1 + 1e-9f)); }
+LO_HD float col_factor(float c) { return safe_rsqrt(c); }
+LO_HD float accumulator_rsqrt(float x) { return rsqrt_exact(x + 1e-8f); }
+
+// Everything one element contributes to its 28 features. For a factored tensor, `row` and
+// `col` are the broadcast row/column accumulators, `row_rsqrt`/`col_rsqrt` their
+// rsqrt(+1e-8), and `grad_factor` = `mom_factor` = row_factor * col_factor. For an
+// unfactored tensor, row = col = u (the diagonal accumulator); see unfactored_inputs().
+struct ElementInputs {
+  float g;
+  float p;
+  float m[kMomentumChannels];
+  float v;
+  float row[kFactoredChannels];
+  float col[kFactoredChannels];
+  float row_rsqrt[kFactoredChannels];
+  float col_rsqrt[kFactoredChannels];
+  float grad_factor[kFactoredChannels];
+  float mom_factor[kFactoredChannels];
+};
+
+LO_HD void set_unfactored(ElementInputs& e, const float u[kFactoredChannels]) {
+  for (int k = 0; k < kFactoredChannels; ++k) {
+    e.row[k] = u[k];
+    e.col[k] = u[k];
+    const float rs = accumulator_rsqrt(u[k]);
+    e.row_rsqrt[k] = rs;
+    e.col_rsqrt[k] = rs;
+    e.grad_factor[k] = safe_rsqrt(u[k] + 1e-9f);
+    e.mom_factor[k] = rsqrt_exact(u[k] + 1e-6f);
+  }
+}
+
+// Row/column factors of a factored tensor: `rf` = row_factor, `cf` = col_factor.
+LO_HD void set_factored(ElementInputs& e, const float r[kFactoredChannels],
+                        const float c[kFactoredChannels], const float rs[kFactoredChannels],
+                        const float cs[kFactoredChannels], const float rf[kFactoredChannels],
+                        const float cf[kFactoredChannels]) {
+  for (int k = 0; k < kFactoredChannels; ++k) {
+    e.row[k] = r[k];
+    e.col[k] = c[k];
+    e.row_rsqrt[k] = rs[k];
+    e.col_rsqrt[k] = cs[k];
+    e.grad_factor[k] = rf[k] * cf[k];
+    e.mom_factor[k] = rf[k] * cf[k];
+  }
+}
+
+// The 28 un-normalised features of spec section 2, in channel order.
+LO_HD void features(const ElementInputs& e, float f[kFeatures]) {
+  f[0] = e.g;
+  f[1] = e.p;
+  const float v_rsqrt = rsqrt_exact(e.v + 1e-6f);
+  for (int k = 0; k < kMomentumChannels; ++k) {
+    f[2 + k] = e.m[k];
+    f[6 + k] = e.m[k] * v_rsqrt;
+  }
+  f[5] = e.v;
+  f[9] = v_rsqrt;
+  for (int k = 0; k < kFactoredChannels; ++k) {
+    f[10 + k] = e.g * e.grad_factor[k];
+    f[13 + k] = e.row[k];
+    f[16 + k] = e.col[k];
+    f[19 + k] = e.row_rsqrt[k];
+    f[22 + k] = e.col_rsqrt[k];
+    f[25 + k] = e.m[k] * e.mom_factor[k];
+  }
+}
+
+// Second-moment normalisation scale of one channel: rsqrt(1e-5 + mean(x^2)).
+LO_HD float normalisation_scale(double sum_sq, int64_t n) {
+  return rsqrt_exact(1e-5f + static_cast<float>(sum_sq / static_cast<double>(n)));
+}
+
+// The MLP 39 -> 32 -> 32 -> 2 on L elements at once (structure of arrays: x[feature][lane]).
+// `w0s` is [kHidden, kFeatures]: the first layer restricted to the 28 per-element features with
+// the per-tensor normalisation scales folded in; `b0t` is the first-layer bias with the
+// (per-tensor constant) time features folded in. w1, b1, w2, b2 as in the packed layout.
+template <int L>
+LO_HD void mlp_tile(const float (&x)[kFeatures][L], const float* w0s, const float* b0t,
+                    const float* w1, const float* b1, const float* w2, const float* b2,
+                    float (&out)[kOutputs][L]) {
+  constexpr int JB = 4;  // output units computed together (register blocking)
+  float h1[kHidden][L];
+  for (int j0 = 0; j0 < kHidden; j0 += JB) {
+    float acc[JB][L];
+    for (int jj = 0; jj < JB; ++jj)
+      for (int l = 0; l < L; ++l) acc[jj][l] = b0t[j0 + jj];
+    for (int i = 0; i < kFeatures; ++i) {
+      for (int jj = 0; jj < JB; ++jj) {
+        const float w = w0s[(j0 + jj) * kFeatures + i];
+        for (int l = 0; l < L; ++l) acc[jj][l] += w * x[i][l];
+      }
+    }
+    for (int jj = 0; jj < JB; ++jj)
+      for (int l = 0; l < L; ++l) h1[j0 + jj][l] = fmaxf(acc[jj][l], 0.0f);
+  }
+  float h2[kHidden][L];
+  for (int j0 = 0; j0 < kHidden; j0 += JB) {
+    float acc[JB][L];
+    for (int jj = 0; jj < JB; ++jj)
+      for (int l = 0; l < L; ++l) acc[jj][l] = b1[j0 + jj];
+    for (int i = 0; i < kHidden; ++i) {
+      for (int jj = 0; jj < JB; ++jj) {
+        const float w = w1[(j0 + jj) * kHidden + i];
+        for (int l = 0; l < L; ++l) acc[jj][l] += w * h1[i][l];
+      }
+    }
+    for (int jj = 0; jj < JB; ++jj)
+      for (int l = 0; l < L; ++l) h2[j0 + jj][l] = fmaxf(acc[jj][l], 0.0f);
+  }
+  for (int o = 0; o < kOutputs; ++o) {
+    float acc[L];
+    for (int l = 0; l < L; ++l) acc[l] = b2[o];
+    for (int i = 0; i < kHidden; ++i) {
+      const float w = w2[o * kHidden + i];
+      for (int l = 0; l < L; ++l) acc[l] += w * h2[i][l];
+    }
+    for (int l = 0; l < L; ++l) out[o][l] = acc[l];
+  }
+}
+
+// step = direction * exp(magnitude * exp_mult) * step_mult
+LO_HD float step_from_outputs(float direction, float magnitude, float exp_mult, float step_mult) {
+  return direction * expf(magnitude * exp_mult) * step_mult;
+}
+
+// p <- p - lr * step, then decoupled weight decay p <- p - lr * weight_decay * p.
+LO_HD float apply_step(float p, float step, float lr, float weight_decay) {
+  const float updated = p - lr * step;
+  return updated - lr * weight_decay * updated;
+}
+
+}  // namespace small_fc_lopt
+}  // namespace lo_ops

@@ -1,0 +1,19 @@
+"""lo_ops: learned optimizers for PyTorch as fused multi-tensor ops."""
+
+from __future__ import annotations
+
+import torch  # noqa: F401  (the extension needs libtorch loaded first)
+
+from . import _C  # noqa: F401  (registers the lo_ops ops and their CPU/CUDA kernels)
+from . import meta_kernels  # noqa: F401  (registers the fake kernels)
+from .networks import SmallFCLOptNetwork, load_small_fc_lopt_network
+from .small_fc_lopt import SmallFCLOpt
+
+__all__ = ["SmallFCLOpt", "SmallFCLOptNetwork", "load_small_fc_lopt_network", "has_kernel"]
+__version__ = "0.1.0"
+
+
+def has_kernel(op: str, device_type: str) -> bool:
+    """Whether ``lo_ops::<op>`` has a kernel for ``device_type`` ("cpu", "cuda", ...)."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type, device_type.upper())
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"lo_ops::{op}", key)

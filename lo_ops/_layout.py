@@ -1,0 +1,79 @@
+"""Shapes and packing shared by the reference, the fake kernels and the optimizer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+MOMENTUM_DECAYS = (0.9, 0.99, 0.999)
+RMS_DECAYS = (0.999,)
+ADAFACTOR_DECAYS = (0.9, 0.99, 0.999)
+TIME_SCALES = (1, 3, 10, 30, 100, 300, 1000, 3000, 10000, 30000, 100000)
+NUM_FEATURES = 28
+INPUT_SIZE = NUM_FEATURES + len(TIME_SCALES)  # 39
+HIDDEN_SIZE = 32
+OUTPUT_SIZE = 2
+# Packed meta-network: W0 [32, 39], b0, W1 [32, 32], b1, W2 [2, 32], b2 (PyTorch layout).
+PACKED_SHAPES = (
+    (HIDDEN_SIZE, INPUT_SIZE),
+    (HIDDEN_SIZE,),
+    (HIDDEN_SIZE, HIDDEN_SIZE),
+    (HIDDEN_SIZE,),
+    (OUTPUT_SIZE, HIDDEN_SIZE),
+    (OUTPUT_SIZE,),
+)
+PACKED_NUMEL = sum(torch.Size(s).numel() for s in PACKED_SHAPES)
+NUM_DECAYS = 7
+
+
+def factored_axes(shape: Sequence[int]) -> tuple[int, int]:
+    """(d0, d1): the largest and second-largest axes, ties to the lower index (stable argsort)."""
+    order = sorted(range(len(shape)), key=lambda i: shape[i])  # sorted() is stable
+    return order[-1], order[-2]
+
+
+def state_shapes(shape: Sequence[int]) -> dict[str, tuple[int, ...]]:
+    """The float32 state of one parameter of this shape (channel axis first)."""
+    shape = tuple(shape)
+    out = {"momentum": (3, *shape), "rms": shape}
+    if len(shape) >= 2:
+        d0, d1 = factored_axes(shape)
+        out["fac_row"] = (3, *(s for i, s in enumerate(shape) if i != d0))
+        out["fac_col"] = (3, *(s for i, s in enumerate(shape) if i != d1))
+    else:
+        out["fac_diag"] = (3, *shape)
+    return out
+
+
+def pack_weights(weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Flattens (W0, b0, W1, b1, W2, b2) into the vector the kernels read."""
+    if len(weights) != len(PACKED_SHAPES):
+        raise ValueError(f"expected {len(PACKED_SHAPES)} weight tensors, got {len(weights)}")
+    for i, (w, s) in enumerate(zip(weights, PACKED_SHAPES)):
+        if tuple(w.shape) != s:
+            raise ValueError(f"weight {i} has shape {tuple(w.shape)}, expected {s}")
+    return torch.cat([w.detach().reshape(-1).float() for w in weights]).contiguous()
+
+
+def unpack_weights(packed: torch.Tensor) -> list[torch.Tensor]:
+    out, offset = [], 0
+    for s in PACKED_SHAPES:
+        numel = torch.Size(s).numel()
+        out.append(packed[offset : offset + numel].view(s))
+        offset += numel
+    return out
+
+
+def effective_decays(offsets: dict[str, Sequence[float]]) -> torch.Tensor:
+    """The 7 decays (momentum 3, rms 1, factored 3) after the learned offsets, in float32.
+
+    decay = param_to_decay(decay_to_param(d) + o), decay_to_param(x) = log(1 - x) / 10,
+    param_to_decay(y) = 1 - exp(10 y).
+    """
+    base = torch.tensor(MOMENTUM_DECAYS + RMS_DECAYS + ADAFACTOR_DECAYS, dtype=torch.float32)
+    off = torch.tensor(
+        [*offsets["momentum"], *offsets["rms"], *offsets["adafactor"]], dtype=torch.float32
+    )
+    param = torch.log(1 - base) / 10
+    return 1 - torch.exp(10 * (param + off))

@@ -1,0 +1,246 @@
+"""``lo_ops.SmallFCLOpt``: the small_fc_lopt learned optimizer as a torch.optim.Optimizer."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from . import reference
+from ._layout import effective_decays, state_shapes
+from .networks import check_decay_offsets, load_small_fc_lopt_network
+
+logger = logging.getLogger(__name__)
+
+_OP = "small_fc_lopt_step_"
+_STATE_KEYS_FACTORED = ("step", "momentum", "rms", "fac_row", "fac_col")
+_STATE_KEYS_DIAGONAL = ("step", "momentum", "rms", "fac_diag")
+
+
+def _has_kernel(device_type: str) -> bool:
+    from . import has_kernel
+
+    return has_kernel(_OP, device_type)
+
+
+class SmallFCLOpt(Optimizer):
+    """small_fc_lopt (``AdafacMLPLOpt``): each element's step comes from a 39-32-32-2 MLP.
+
+    Args:
+        params: parameters or param groups (group keys: ``lr``, ``weight_decay``).
+        lr: multiplies every step (``lr = 1`` reproduces the original). Kept as a 0-d tensor
+            so LR schedulers change it without recompiling a compiled ``step``.
+        weight_decay: decoupled, ``p <- p - lr * weight_decay * p`` after the update.
+        pretrained: None (the embedded default), a local directory in lo_ops' or PyLO's
+            layout, a Hugging Face repo id, or a meta-network module.
+        step_mult: overrides the checkpoint's (PyLO weights: 0.01; lo_ops': from config).
+        exp_mult: overrides the checkpoint's (default 0.001).
+        decay_offsets: ``{"momentum": [3], "rms": [1], "adafactor": [3]}`` learned offsets;
+            overrides the checkpoint's (PyLO weights: PyLO's μLO values).
+        capturable: kept for torch.optim compatibility; every path here reads ``lr`` and the
+            step count from tensors on the parameters' device.
+        fused: None uses the fused kernel where the device has one and the reference
+            otherwise (logged once); True requires the fused kernel; False uses the reference.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1.0,
+        weight_decay: float = 0.0,
+        *,
+        pretrained: str | os.PathLike | nn.Module | None = None,
+        step_mult: float | None = None,
+        exp_mult: float | None = None,
+        decay_offsets: dict | None = None,
+        capturable: bool = False,
+        fused: bool | None = None,
+        revision: str | None = None,
+    ):
+        _check_lr(lr, "lr")
+        _check_weight_decay(weight_decay, "weight_decay")
+        if fused not in (None, True, False):
+            raise ValueError(f"fused must be None, True or False, got {fused!r}")
+        network, layout = load_small_fc_lopt_network(pretrained, revision=revision)
+        self.network = network
+        self.layout = layout
+        self.step_mult = float(network.step_mult if step_mult is None else step_mult)
+        self.exp_mult = float(network.exp_mult if exp_mult is None else exp_mult)
+        for name, value in (("step_mult", self.step_mult), ("exp_mult", self.exp_mult)):
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value}")
+        offsets = network.decay_offsets if decay_offsets is None else decay_offsets
+        self.decay_offsets = check_decay_offsets(offsets)
+        self.fused = fused
+        self._meta_cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self._use_fused: dict[str, bool] = {}
+        defaults = dict(lr=lr, weight_decay=weight_decay, capturable=capturable, fused=fused)
+        super().__init__(params, defaults)
+
+    # -- param groups -------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        gi = len(self.param_groups) - 1
+        _check_lr(group["lr"], f"param_groups[{gi}]['lr']")
+        _check_weight_decay(group["weight_decay"], f"param_groups[{gi}]['weight_decay']")
+        if not isinstance(group["lr"], Tensor):
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32)
+        else:  # a private copy, so that schedulers of different groups don't alias
+            group["lr"] = group["lr"].detach().clone().float()
+        for pi, p in enumerate(group["params"]):
+            if p.is_complex():
+                raise ValueError(
+                    f"SmallFCLOpt does not support complex parameters (param_groups[{gi}], "
+                    f"parameter {pi}, dtype {p.dtype}); view them as real with torch.view_as_real"
+                )
+            if not p.is_floating_point():
+                raise ValueError(
+                    f"SmallFCLOpt needs floating-point parameters (param_groups[{gi}], "
+                    f"parameter {pi}, dtype {p.dtype})"
+                )
+            self._fused_for(p.device)
+        # lr lives on the parameters' device (all devices of a group must agree for that).
+        devices = {p.device for p in group["params"]}
+        if len(devices) == 1:
+            group["lr"] = group["lr"].to(next(iter(devices)))
+
+    def _fused_for(self, device: torch.device) -> bool:
+        key = device.type
+        if key not in self._use_fused:
+            available = _has_kernel(key)
+            if self.fused is True and not available:
+                raise RuntimeError(
+                    f"SmallFCLOpt(fused=True): lo_ops was built without a {key} kernel for "
+                    f"{_OP}; use fused=None to fall back to the reference implementation"
+                )
+            use = available and self.fused is not False
+            if not use and self.fused is None:
+                logger.warning(
+                    "SmallFCLOpt: no fused %s kernel in this build; %s parameters use the "
+                    "(slower) pure-PyTorch reference", key, key,
+                )
+            self._use_fused[key] = use
+        return self._use_fused[key]
+
+    def _meta(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        if device not in self._meta_cache:
+            weights = self.network.packed_weights().to(device)
+            decays = effective_decays(self.decay_offsets).to(device)
+            self._meta_cache[device] = (weights, decays)
+        return self._meta_cache[device]
+
+    # -- state --------------------------------------------------------------------------------
+    def _init_group(self, group, params, grads, momentum, rms, fac_row, fac_col, fac_diag,
+                    state_steps):
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    "SmallFCLOpt does not support sparse gradients "
+                    f"(parameter of shape {tuple(p.shape)})"
+                )
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                for key, shape in state_shapes(p.shape).items():
+                    state[key] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+            params.append(p)
+            grads.append(p.grad)
+            momentum.append(state["momentum"])
+            rms.append(state["rms"])
+            state_steps.append(state["step"])
+            if p.dim() >= 2:
+                fac_row.append(state["fac_row"])
+                fac_col.append(state["fac_col"])
+            else:
+                fac_diag.append(state["fac_diag"])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, momentum, rms, fac_row, fac_col, fac_diag, steps = ([] for _ in range(8))
+            self._init_group(group, params, grads, momentum, rms, fac_row, fac_col, fac_diag, steps)
+            if not params:
+                continue
+            for (device, _), b in _buckets(params, grads, momentum, rms, fac_row, fac_col, fac_diag, steps).items():
+                weights, decays = self._meta(device)
+                lr = group["lr"]
+                if lr.device != device:
+                    lr = lr.to(device)
+                fn = torch.ops.lo_ops.small_fc_lopt_step_ if self._fused_for(device) else reference.small_fc_lopt_step_
+                fn(*b, lr, weights, decays, float(group["weight_decay"]), self.step_mult, self.exp_mult)
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # torch.optim casts floating state to the parameter dtype; ours stays float32.
+        saved = {k: dict(v) for k, v in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params):
+            if pid not in saved:
+                continue
+            expected = {"step": ()} | state_shapes(p.shape)
+            got = saved[pid]
+            if set(got) != set(expected):
+                raise ValueError(
+                    f"load_state_dict: state of parameter {pid} has keys {sorted(got)}, but a "
+                    f"parameter of shape {tuple(p.shape)} needs {sorted(expected)}"
+                )
+            for key, shape in expected.items():
+                value = got[key]
+                if not isinstance(value, Tensor) or tuple(value.shape) != tuple(shape):
+                    raise ValueError(
+                        f"load_state_dict: state[{key!r}] of parameter {pid} should be a tensor "
+                        f"of shape {tuple(shape)}, got {getattr(value, 'shape', type(value))}"
+                    )
+                self.state[p][key] = value.detach().to(device=p.device, dtype=torch.float32, copy=True)
+        for g in self.param_groups:
+            if not isinstance(g["lr"], Tensor):
+                g["lr"] = torch.tensor(float(g["lr"]), dtype=torch.float32)
+            devices = {p.device for p in g["params"]}
+            if len(devices) == 1:
+                g["lr"] = g["lr"].to(device=next(iter(devices)), dtype=torch.float32)
+
+
+def _buckets(params, grads, momentum, rms, fac_row, fac_col, fac_diag, steps):
+    """Splits the lists of one group by (device, dtype), keeping fac_* aligned."""
+    out: dict[tuple[torch.device, torch.dtype], list[list[Tensor]]] = {}
+    fi = di = 0
+    for i, p in enumerate(params):
+        b = out.setdefault((p.device, p.dtype), [[] for _ in range(8)])
+        for lst, src in zip(b, (params, grads, momentum, rms)):
+            lst.append(src[i])
+        if p.dim() >= 2:
+            b[4].append(fac_row[fi])
+            b[5].append(fac_col[fi])
+            fi += 1
+        else:
+            b[6].append(fac_diag[di])
+            di += 1
+        b[7].append(steps[i])
+    return out
+
+
+def _check_lr(lr, name):
+    value = lr.item() if isinstance(lr, Tensor) and lr.numel() == 1 else lr
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(lr.shape)}")
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {lr!r}")
+
+
+def _check_weight_decay(wd, name):
+    if not isinstance(wd, (int, float)) or not math.isfinite(wd) or wd < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {wd!r}")

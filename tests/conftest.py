@@ -1,0 +1,34 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(os.environ.get("LO_OPS_SHARED", Path(__file__).resolve().parents[1] / ".." / "shared")).resolve()
+VECTORS = SHARED / "vectors"
+FIXTURES = SHARED / "fixtures"
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.fail(f"{path} is missing: the tests read ../shared next to the repository")
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_fc_lopt_vectors():
+    from safetensors.torch import load_file
+
+    meta = json.loads(_need(VECTORS / "small_fc_lopt_init.json").read_text())
+    return meta, load_file(str(_need(VECTORS / "small_fc_lopt_init.safetensors")))
+
+
+@pytest.fixture(scope="session")
+def small_fc_lopt_fixture_dir():
+    return _need(FIXTURES / "small_fc_lopt_init" / "pylo_hub" / "MetaMLP")
+
+
+@pytest.fixture(scope="session")
+def small_fc_lopt_fixture_offsets():
+    raw = json.loads(_need(FIXTURES / "small_fc_lopt_init" / "decay_offsets.json").read_text())
+    return {"momentum": raw["momentum_decays"], "rms": raw["rms_decays"], "adafactor": raw["adafactor_decays"]}
