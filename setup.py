@@ -36,7 +36,7 @@ def _extension():
     sources = rel(glob.glob(os.path.join(HERE, "csrc", "*.cpp")))
     sources += rel(glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
     cuda_sources = rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))
-    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-DPy_LIMITED_API=0x03090000"]
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-Wno-psabi", "-DPy_LIMITED_API=0x03090000"]
     kwargs = dict(
         name="lo_ops._C",
         include_dirs=[os.path.join(HERE, "csrc")],

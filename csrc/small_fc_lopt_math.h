@@ -9,6 +9,9 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define LO_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// Always inlined, so that the CPU backend's per-ISA clones of its loops get ISA-specific code.
+#define LO_HD inline __attribute__((always_inline))
 #else
 #define LO_HD inline
 #endif
@@ -45,15 +48,24 @@ LO_HD float time_scale(int k) {
 
 LO_HD float time_feature(float t, int k) { return tanhf(t / time_scale(k) - 1.0f); }
 
+// max/clip written as comparisons (NaN propagates like jnp.maximum / jnp.clip) so that they
+// compile to vector instructions instead of libm calls.
+// T is float or a GCC vector of floats (lane-wise comparison and select).
+template <typename T>
+LO_HD T relu(T x) {
+  return x < T{} ? T{} : x;
+}
+LO_HD float max_nan(float x, float lo) { return x < lo ? lo : x; }
+
 LO_HD float rsqrt_exact(float x) { return 1.0f / sqrtf(x); }
-LO_HD float safe_rsqrt(float x) { return rsqrt_exact(fmaxf(x, 1e-9f)); }
+LO_HD float safe_rsqrt(float x) { return rsqrt_exact(max_nan(x, 1e-9f)); }
 
 // Exponential moving average as the original writes it: decay * state + (1 - decay) * value.
 LO_HD float ema(float state, float value, float decay) {
   return decay * state + (1.0f - decay) * value;
 }
 
-LO_HD float clip01(float x) { return fminf(fmaxf(x, 0.0f), 1.0f); }
+LO_HD float clip01(float x) { return x < 0.0f ? 0.0f : (x > 1.0f ? 1.0f : x); }
 
 // g^2 + 1e-30: the input of the factored / diagonal second moments.
 LO_HD float factored_gsq(float g) { return g * g + 1e-30f; }
@@ -133,52 +145,40 @@ LO_HD float normalisation_scale(double sum_sq, int64_t n) {
   return rsqrt_exact(1e-5f + static_cast<float>(sum_sq / static_cast<double>(n)));
 }
 
-// The MLP 39 -> 32 -> 32 -> 2 on L elements at once (structure of arrays: x[feature][lane]).
-// `w0s` is [kHidden, kFeatures]: the first layer restricted to the 28 per-element features with
-// the per-tensor normalisation scales folded in; `b0t` is the first-layer bias with the
-// (per-tensor constant) time features folded in. w1, b1, w2, b2 as in the packed layout.
-template <int L>
-LO_HD void mlp_tile(const float (&x)[kFeatures][L], const float* w0s, const float* b0t,
-                    const float* w1, const float* b1, const float* w2, const float* b2,
-                    float (&out)[kOutputs][L]) {
-  constexpr int JB = 4;  // output units computed together (register blocking)
-  float h1[kHidden][L];
+// The MLP 39 -> 32 -> 32 -> 2 of one element, or of a SIMD vector of elements: V is float
+// (CUDA: one element per thread) or a GCC vector of floats (CPU). `w0s` is [kHidden, kFeatures]: the first layer
+// restricted to the 28 per-element features with the per-tensor normalisation scales folded
+// in; `b0t` is the first-layer bias with the (per-tensor constant) time features folded in;
+// w1, b1, w2, b2 as in the packed layout.
+template <typename V>
+LO_HD void mlp_forward(const V (&x)[kFeatures], const float* w0s, const float* b0t,
+                       const float* w1, const float* b1, const float* w2, const float* b2,
+                       V& direction, V& magnitude) {
+  constexpr int JB = 8;  // output units computed together (register blocking)
+  V h1[kHidden];
   for (int j0 = 0; j0 < kHidden; j0 += JB) {
-    float acc[JB][L];
-    for (int jj = 0; jj < JB; ++jj)
-      for (int l = 0; l < L; ++l) acc[jj][l] = b0t[j0 + jj];
-    for (int i = 0; i < kFeatures; ++i) {
-      for (int jj = 0; jj < JB; ++jj) {
-        const float w = w0s[(j0 + jj) * kFeatures + i];
-        for (int l = 0; l < L; ++l) acc[jj][l] += w * x[i][l];
-      }
-    }
-    for (int jj = 0; jj < JB; ++jj)
-      for (int l = 0; l < L; ++l) h1[j0 + jj][l] = fmaxf(acc[jj][l], 0.0f);
+    V acc[JB];
+    for (int jj = 0; jj < JB; ++jj) acc[jj] = V{} + b0t[j0 + jj];
+    for (int i = 0; i < kFeatures; ++i)
+      for (int jj = 0; jj < JB; ++jj) acc[jj] += w0s[(j0 + jj) * kFeatures + i] * x[i];
+    for (int jj = 0; jj < JB; ++jj) h1[j0 + jj] = relu(acc[jj]);
   }
-  float h2[kHidden][L];
+  V h2[kHidden];
   for (int j0 = 0; j0 < kHidden; j0 += JB) {
-    float acc[JB][L];
-    for (int jj = 0; jj < JB; ++jj)
-      for (int l = 0; l < L; ++l) acc[jj][l] = b1[j0 + jj];
-    for (int i = 0; i < kHidden; ++i) {
-      for (int jj = 0; jj < JB; ++jj) {
-        const float w = w1[(j0 + jj) * kHidden + i];
-        for (int l = 0; l < L; ++l) acc[jj][l] += w * h1[i][l];
-      }
-    }
-    for (int jj = 0; jj < JB; ++jj)
-      for (int l = 0; l < L; ++l) h2[j0 + jj][l] = fmaxf(acc[jj][l], 0.0f);
+    V acc[JB];
+    for (int jj = 0; jj < JB; ++jj) acc[jj] = V{} + b1[j0 + jj];
+    for (int i = 0; i < kHidden; ++i)
+      for (int jj = 0; jj < JB; ++jj) acc[jj] += w1[(j0 + jj) * kHidden + i] * h1[i];
+    for (int jj = 0; jj < JB; ++jj) h2[j0 + jj] = relu(acc[jj]);
   }
+  V out[kOutputs];
   for (int o = 0; o < kOutputs; ++o) {
-    float acc[L];
-    for (int l = 0; l < L; ++l) acc[l] = b2[o];
-    for (int i = 0; i < kHidden; ++i) {
-      const float w = w2[o * kHidden + i];
-      for (int l = 0; l < L; ++l) acc[l] += w * h2[i][l];
-    }
-    for (int l = 0; l < L; ++l) out[o][l] = acc[l];
+    V acc = V{} + b2[o];
+    for (int i = 0; i < kHidden; ++i) acc += w2[o * kHidden + i] * h2[i];
+    out[o] = acc;
   }
+  direction = out[0];
+  magnitude = out[1];
 }
 
 // step = direction * exp(magnitude * exp_mult) * step_mult

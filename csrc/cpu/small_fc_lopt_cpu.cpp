@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstring>
 #include <vector>
 
 #include "../small_fc_lopt.h"
@@ -151,7 +152,7 @@ LO_CPU_CLONES void run_reduce_task(const ReduceTask& t, TensorWork& w, const flo
 // un-normalised). With `update_state`, the momentum, rms and diagonal accumulators are
 // updated in place first (pass 2); otherwise they are read as updated (pass 3).
 template <typename scalar_t, bool update_state>
-inline void tile_features(TensorWork& w, int64_t e0, int count, const float* decays,
+LO_HD void tile_features(TensorWork& w, int64_t e0, int count, const float* decays,
                           float (&x)[kFeatures][kLanes], float (&pv)[kLanes]) {
   const scalar_t* g = w.g.data_ptr<scalar_t>();
   const scalar_t* p = w.p.data_ptr<scalar_t>();
@@ -233,19 +234,27 @@ LO_CPU_CLONES void accumulate_chunk(TensorWork& w, int64_t e0, int64_t e1, const
   }
 }
 
+// kLanes floats operated on lane-wise; lowered to the widest vectors of the clone's target.
+typedef float LaneVector __attribute__((vector_size(kLanes * sizeof(float))));
+
 template <typename scalar_t>
 LO_CPU_CLONES void update_chunk(TensorWork& w, int64_t e0, int64_t e1, const float* decays,
                                 const float* weights, float lr, float weight_decay,
                                 float step_mult, float exp_mult) {
   scalar_t* p = w.p.data_ptr<scalar_t>();
-  float x[kFeatures][kLanes];
-  float pv[kLanes];
-  float out[kOutputs][kLanes];
+  alignas(64) float x[kFeatures][kLanes];
+  alignas(64) float pv[kLanes];
+  alignas(64) float out[kOutputs][kLanes];
+  LaneVector xv[kFeatures];
+  LaneVector direction, magnitude;
   for (int64_t e = e0; e < e1; e += kLanes) {
     const int count = static_cast<int>(std::min<int64_t>(kLanes, e1 - e));
     tile_features<scalar_t, false>(w, e, count, decays, x, pv);
-    mlp_tile<kLanes>(x, w.w0s.data(), w.b0t.data(), weights + kW1, weights + kB1,
-                     weights + kW2, weights + kB2, out);
+    std::memcpy(xv, x, sizeof(x));
+    mlp_forward(xv, w.w0s.data(), w.b0t.data(), weights + kW1, weights + kB1, weights + kW2,
+                weights + kB2, direction, magnitude);
+    std::memcpy(out[0], &direction, sizeof(direction));
+    std::memcpy(out[1], &magnitude, sizeof(magnitude));
     for (int l = 0; l < count; ++l) {
       const float step = step_from_outputs(out[0][l], out[1][l], exp_mult, step_mult);
       p[e + l] = static_cast<scalar_t>(apply_step(pv[l], step, lr, weight_decay));
