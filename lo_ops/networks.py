@@ -203,7 +203,9 @@ def _resolve_directory(source: str, *, revision=None, cache_dir=None, token=None
                 token=token, force_download=force_download, local_files_only=local_files_only,
             )
         except Exception as e:  # huggingface_hub raises several types; all mean "not available"
-            offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+            from huggingface_hub import constants
+
+            offline = bool(constants.HF_HUB_OFFLINE)
             hint = (
                 " HF_HUB_OFFLINE is set and the file is not in the local cache"
                 if offline or local_files_only

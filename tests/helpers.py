@@ -1,0 +1,38 @@
+import torch
+
+import lo_ops
+
+# 0-d, [1], odd, square, 3-d, 4-d conv, an empty tensor and a non-contiguous one.
+SHAPES = [(), (1,), (5,), (7, 5), (6, 6), (3, 4, 6), (8, 3, 3, 3), (0, 5), (0,)]
+
+
+def make_params(shapes, dtype=torch.float32, seed=0, non_contiguous=True):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
+    if non_contiguous:
+        t = torch.randn(9, 4, generator=gen).to(dtype).t()  # [4, 9], non-contiguous
+        params.append(torch.nn.Parameter(t))
+        assert not params[-1].is_contiguous()
+    return params
+
+
+def clone_params(params):
+    out = []
+    for p in params:
+        q = torch.nn.Parameter(torch.empty_strided(p.shape, p.stride(), dtype=p.dtype))
+        with torch.no_grad():
+            q.copy_(p)
+        out.append(q)
+    return out
+
+
+def set_grads(params_list, step, scale=0.1):
+    gen = torch.Generator().manual_seed(1000 + step)
+    grads = [torch.randn(p.shape, generator=gen) * scale for p in params_list[0]]
+    for params in params_list:
+        for p, g in zip(params, grads):
+            p.grad = g.to(p.dtype)
+
+
+def make_opt(params, **kw):
+    return lo_ops.SmallFCLOpt(params, **kw)

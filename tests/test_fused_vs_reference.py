@@ -1,0 +1,99 @@
+"""The fused CPU op against the pure-PyTorch reference: parameters and state, many steps."""
+
+import pytest
+import torch
+
+from helpers import SHAPES, clone_params, make_opt, make_params, set_grads
+
+# fp32: the two paths differ only in summation order and FMA contraction.
+# bf16: parameters are rounded to bf16 after every step, so a 1-ulp rounding flip is allowed.
+TOLERANCES = {
+    torch.float32: dict(rtol=2e-5, atol=2e-6),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
+}
+STATE_TOL = dict(rtol=1e-5, atol=1e-7)
+
+
+def _run_both(shapes, dtype, steps, weight_decay=0.0, lr=1.0, **kw):
+    fused_params = make_params(shapes, dtype)
+    ref_params = clone_params(fused_params)
+    fused = make_opt(fused_params, lr=lr, weight_decay=weight_decay, fused=True, **kw)
+    ref = make_opt(ref_params, lr=lr, weight_decay=weight_decay, fused=False, **kw)
+    for k in range(steps):
+        set_grads([fused_params, ref_params], k)
+        fused.step()
+        ref.step()
+    return fused_params, ref_params, fused, ref
+
+
+def _compare(fused_params, ref_params, fused, ref, dtype):
+    for i, (a, b) in enumerate(zip(fused_params, ref_params)):
+        assert a.dtype == dtype and a.stride() == b.stride()
+        torch.testing.assert_close(a, b, **TOLERANCES[dtype], msg=lambda m: f"param {i} {tuple(a.shape)}: {m}")
+        sa, sb = fused.state[a], ref.state[b]
+        assert sorted(sa) == sorted(sb)
+        for key in sa:
+            assert sa[key].dtype == torch.float32
+            torch.testing.assert_close(sa[key], sb[key], **STATE_TOL, msg=lambda m: f"param {i} {key}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_random_shapes_20_steps(dtype):
+    _compare(*_run_both(SHAPES, dtype, steps=20), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_300_small_tensors(dtype):
+    gen = torch.Generator().manual_seed(3)
+    shapes = [tuple(int(x) for x in torch.randint(1, 6, (int(torch.randint(0, 4, (1,), generator=gen)),), generator=gen))
+              for _ in range(300)]
+    _compare(*_run_both(shapes, dtype, steps=20), dtype)
+
+
+def test_weight_decay_and_lr():
+    _compare(*_run_both(SHAPES, torch.float32, steps=5, weight_decay=0.1, lr=0.5), torch.float32)
+
+
+def test_fp16_parameters():
+    fused_params, ref_params, fused, ref = _run_both([(7, 5), (5,)], torch.float16, steps=5)
+    for a, b in zip(fused_params, ref_params):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+
+
+def test_pylo_offsets_and_step_mult(small_fc_lopt_fixture_dir):
+    _compare(*_run_both([(7, 5), (6, 6), (5,)], torch.float32, steps=5,
+                        pretrained=str(small_fc_lopt_fixture_dir)), torch.float32)
+
+
+def test_larger_tensor_spans_many_chunks():
+    # > one chunk and > one reduction task per axis; a 3-d tensor whose d0 is the middle axis.
+    _compare(*_run_both([(300, 70), (5, 2000, 3)], torch.float32, steps=3), torch.float32)
+
+
+def test_no_grad_params_are_skipped():
+    params = make_params([(7, 5), (5,)], non_contiguous=False)
+    before = [p.detach().clone() for p in params]
+    opt = make_opt(params)
+    params[0].grad = torch.randn(7, 5)
+    opt.step()
+    assert not torch.equal(params[0], before[0])
+    assert torch.equal(params[1], before[1])
+    assert params[1] not in opt.state
+
+
+def test_results_do_not_depend_on_thread_count():
+    outs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            params = make_params([(300, 70), (5,)], non_contiguous=False)
+            opt = make_opt(params)
+            for k in range(3):
+                set_grads([params], k)
+                opt.step()
+            outs.append([p.detach().clone() for p in params])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
