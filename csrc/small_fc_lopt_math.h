@@ -150,27 +150,29 @@ LO_HD float normalisation_scale(double sum_sq, int64_t n) {
 // restricted to the 28 per-element features with the per-tensor normalisation scales folded
 // in; `b0t` is the first-layer bias with the (per-tensor constant) time features folded in;
 // w1, b1, w2, b2 as in the packed layout.
+// out = relu(W in + b) with W [Out, In] row-major, a few output units at a time so that
+// their accumulators stay in registers.
+template <int In, int Out, typename V>
+LO_HD void dense_relu(const V (&in)[In], const float* w, const float* b, V (&out)[Out]) {
+  constexpr int JB = 8;
+  static_assert(Out % JB == 0, "output units must be a multiple of the block");
+  for (int j0 = 0; j0 < Out; j0 += JB) {
+    V acc[JB];
+    for (int jj = 0; jj < JB; ++jj) acc[jj] = V{} + b[j0 + jj];
+    for (int i = 0; i < In; ++i)
+      for (int jj = 0; jj < JB; ++jj) acc[jj] += w[(j0 + jj) * In + i] * in[i];
+    for (int jj = 0; jj < JB; ++jj) out[j0 + jj] = relu(acc[jj]);
+  }
+}
+
 template <typename V>
 LO_HD void mlp_forward(const V (&x)[kFeatures], const float* w0s, const float* b0t,
                        const float* w1, const float* b1, const float* w2, const float* b2,
                        V& direction, V& magnitude) {
-  constexpr int JB = 8;  // output units computed together (register blocking)
   V h1[kHidden];
-  for (int j0 = 0; j0 < kHidden; j0 += JB) {
-    V acc[JB];
-    for (int jj = 0; jj < JB; ++jj) acc[jj] = V{} + b0t[j0 + jj];
-    for (int i = 0; i < kFeatures; ++i)
-      for (int jj = 0; jj < JB; ++jj) acc[jj] += w0s[(j0 + jj) * kFeatures + i] * x[i];
-    for (int jj = 0; jj < JB; ++jj) h1[j0 + jj] = relu(acc[jj]);
-  }
+  dense_relu(x, w0s, b0t, h1);
   V h2[kHidden];
-  for (int j0 = 0; j0 < kHidden; j0 += JB) {
-    V acc[JB];
-    for (int jj = 0; jj < JB; ++jj) acc[jj] = V{} + b1[j0 + jj];
-    for (int i = 0; i < kHidden; ++i)
-      for (int jj = 0; jj < JB; ++jj) acc[jj] += w1[(j0 + jj) * kHidden + i] * h1[i];
-    for (int jj = 0; jj < JB; ++jj) h2[j0 + jj] = relu(acc[jj]);
-  }
+  dense_relu(h1, w1, b1, h2);
   V out[kOutputs];
   for (int o = 0; o < kOutputs; ++o) {
     V acc = V{} + b2[o];
