@@ -48,55 +48,95 @@ LO_HD float time_scale(int k) {
 
 LO_HD float time_feature(float t, int k) { return tanhf(t / time_scale(k) - 1.0f); }
 
-// max/clip written as comparisons (NaN propagates like jnp.maximum / jnp.clip) so that they
-// compile to vector instructions instead of libm calls.
-// T is float or a GCC vector of floats (lane-wise comparison and select).
+// The element-wise functions below take T = float (one element; CUDA threads, reductions)
+// or T = a GCC vector of floats (the CPU kernel's tiles of elements, lane-wise). max and clip
+// are comparisons, so NaN propagates as with jnp.maximum / jnp.clip and they compile to
+// vector instructions instead of libm calls.
+template <typename T>
+LO_HD T splat(float x) {
+  return T{} + x;
+}
+
 template <typename T>
 LO_HD T relu(T x) {
   return x < T{} ? T{} : x;
 }
-LO_HD float max_nan(float x, float lo) { return x < lo ? lo : x; }
 
-LO_HD float rsqrt_exact(float x) { return 1.0f / sqrtf(x); }
-LO_HD float safe_rsqrt(float x) { return rsqrt_exact(max_nan(x, 1e-9f)); }
+template <typename T>
+LO_HD T max_nan(T x, float lo) {
+  return x < splat<T>(lo) ? splat<T>(lo) : x;
+}
+
+template <typename T>
+LO_HD T sqrt_lanes(T x) {
+  if constexpr (sizeof(T) == sizeof(float)) {
+    return sqrtf(x);
+  } else {
+    T out;
+    for (int l = 0; l < static_cast<int>(sizeof(T) / sizeof(float)); ++l) out[l] = sqrtf(x[l]);
+    return out;
+  }
+}
+
+template <typename T>
+LO_HD T rsqrt_exact(T x) {
+  return 1.0f / sqrt_lanes(x);
+}
+
+template <typename T>
+LO_HD T safe_rsqrt(T x) {
+  return rsqrt_exact(max_nan(x, 1e-9f));
+}
 
 // Exponential moving average as the original writes it: decay * state + (1 - decay) * value.
-LO_HD float ema(float state, float value, float decay) {
+template <typename T>
+LO_HD T ema(T state, T value, float decay) {
   return decay * state + (1.0f - decay) * value;
 }
 
 LO_HD float clip01(float x) { return x < 0.0f ? 0.0f : (x > 1.0f ? 1.0f : x); }
 
 // g^2 + 1e-30: the input of the factored / diagonal second moments.
-LO_HD float factored_gsq(float g) { return g * g + 1e-30f; }
+template <typename T>
+LO_HD T factored_gsq(T g) {
+  return g * g + 1e-30f;
+}
 
 // Factored second-moment factors, from the updated row/column accumulators.
-LO_HD float row_factor(float r, float r_mean_over_d1) { return safe_rsqrt(r / (r_mean_over_d1 + 1e-9f)); }
+LO_HD float row_factor(float r, float r_mean_over_d1) {
+  return safe_rsqrt(r / (r_mean_over_d1 + 1e-9f));
+}
 LO_HD float col_factor(float c) { return safe_rsqrt(c); }
-LO_HD float accumulator_rsqrt(float x) { return rsqrt_exact(x + 1e-8f); }
+template <typename T>
+LO_HD T accumulator_rsqrt(T x) {
+  return rsqrt_exact(x + 1e-8f);
+}
 
-// Everything one element contributes to its 28 features. For a factored tensor, `row` and
-// `col` are the broadcast row/column accumulators, `row_rsqrt`/`col_rsqrt` their
-// rsqrt(+1e-8), and `grad_factor` = `mom_factor` = row_factor * col_factor. For an
-// unfactored tensor, row = col = u (the diagonal accumulator); see unfactored_inputs().
+// Everything one element (or one vector of elements) contributes to its 28 features. For a
+// factored tensor, `row` and `col` are the broadcast row/column accumulators,
+// `row_rsqrt`/`col_rsqrt` their rsqrt(+1e-8), and `grad_factor` = `mom_factor` =
+// row_factor * col_factor (set_factored). For an unfactored tensor, row = col = u, the
+// diagonal accumulator (set_unfactored).
+template <typename T>
 struct ElementInputs {
-  float g;
-  float p;
-  float m[kMomentumChannels];
-  float v;
-  float row[kFactoredChannels];
-  float col[kFactoredChannels];
-  float row_rsqrt[kFactoredChannels];
-  float col_rsqrt[kFactoredChannels];
-  float grad_factor[kFactoredChannels];
-  float mom_factor[kFactoredChannels];
+  T g;
+  T p;
+  T m[kMomentumChannels];
+  T v;
+  T row[kFactoredChannels];
+  T col[kFactoredChannels];
+  T row_rsqrt[kFactoredChannels];
+  T col_rsqrt[kFactoredChannels];
+  T grad_factor[kFactoredChannels];
+  T mom_factor[kFactoredChannels];
 };
 
-LO_HD void set_unfactored(ElementInputs& e, const float u[kFactoredChannels]) {
+template <typename T>
+LO_HD void set_unfactored(ElementInputs<T>& e, const T (&u)[kFactoredChannels]) {
   for (int k = 0; k < kFactoredChannels; ++k) {
     e.row[k] = u[k];
     e.col[k] = u[k];
-    const float rs = accumulator_rsqrt(u[k]);
+    const T rs = accumulator_rsqrt(u[k]);
     e.row_rsqrt[k] = rs;
     e.col_rsqrt[k] = rs;
     e.grad_factor[k] = safe_rsqrt(u[k] + 1e-9f);
@@ -105,10 +145,11 @@ LO_HD void set_unfactored(ElementInputs& e, const float u[kFactoredChannels]) {
 }
 
 // Row/column factors of a factored tensor: `rf` = row_factor, `cf` = col_factor.
-LO_HD void set_factored(ElementInputs& e, const float r[kFactoredChannels],
-                        const float c[kFactoredChannels], const float rs[kFactoredChannels],
-                        const float cs[kFactoredChannels], const float rf[kFactoredChannels],
-                        const float cf[kFactoredChannels]) {
+template <typename T>
+LO_HD void set_factored(ElementInputs<T>& e, const T (&r)[kFactoredChannels],
+                        const T (&c)[kFactoredChannels], const T (&rs)[kFactoredChannels],
+                        const T (&cs)[kFactoredChannels], const T (&rf)[kFactoredChannels],
+                        const T (&cf)[kFactoredChannels]) {
   for (int k = 0; k < kFactoredChannels; ++k) {
     e.row[k] = r[k];
     e.col[k] = c[k];
@@ -120,10 +161,11 @@ LO_HD void set_factored(ElementInputs& e, const float r[kFactoredChannels],
 }
 
 // The 28 un-normalised features of spec section 2, in channel order.
-LO_HD void features(const ElementInputs& e, float f[kFeatures]) {
+template <typename T>
+LO_HD void features(const ElementInputs<T>& e, T (&f)[kFeatures]) {
   f[0] = e.g;
   f[1] = e.p;
-  const float v_rsqrt = rsqrt_exact(e.v + 1e-6f);
+  const T v_rsqrt = rsqrt_exact(e.v + 1e-6f);
   for (int k = 0; k < kMomentumChannels; ++k) {
     f[2 + k] = e.m[k];
     f[6 + k] = e.m[k] * v_rsqrt;
@@ -173,14 +215,17 @@ LO_HD void mlp_forward(const V (&x)[kFeatures], const float* w0s, const float* b
   dense_relu(x, w0s, b0t, h1);
   V h2[kHidden];
   dense_relu(h1, w1, b1, h2);
-  V out[kOutputs];
-  for (int o = 0; o < kOutputs; ++o) {
-    V acc = V{} + b2[o];
-    for (int i = 0; i < kHidden; ++i) acc += w2[o * kHidden + i] * h2[i];
-    out[o] = acc;
-  }
-  direction = out[0];
-  magnitude = out[1];
+  // The output layer: 4 interleaved partial sums per output keep 8 independent chains.
+  constexpr int kParts = 4;
+  static_assert(kHidden % kParts == 0, "hidden units must be a multiple of the parts");
+  V part[kOutputs][kParts];
+  for (int o = 0; o < kOutputs; ++o)
+    for (int q = 0; q < kParts; ++q) part[o][q] = V{};
+  for (int i = 0; i < kHidden; i += kParts)
+    for (int o = 0; o < kOutputs; ++o)
+      for (int q = 0; q < kParts; ++q) part[o][q] += w2[o * kHidden + i + q] * h2[i + q];
+  direction = (splat<V>(b2[0]) + (part[0][0] + part[0][1])) + (part[0][2] + part[0][3]);
+  magnitude = (splat<V>(b2[1]) + (part[1][0] + part[1][1])) + (part[1][2] + part[1][3]);
 }
 
 // step = direction * exp(magnitude * exp_mult) * step_mult

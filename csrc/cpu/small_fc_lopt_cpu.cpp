@@ -148,84 +148,145 @@ LO_CPU_CLONES void run_reduce_task(const ReduceTask& t, TensorWork& w, const flo
   }
 }
 
-// Gathers the inputs of `count` consecutive elements starting at `e0` into x (features,
-// un-normalised). With `update_state`, the momentum, rms and diagonal accumulators are
-// updated in place first (pass 2); otherwise they are read as updated (pass 3).
-template <typename scalar_t, bool update_state>
-LO_HD void tile_features(TensorWork& w, int64_t e0, int count, const float* decays,
-                          float (&x)[kFeatures][kLanes], float (&pv)[kLanes]) {
-  const scalar_t* g = w.g.data_ptr<scalar_t>();
-  const scalar_t* p = w.p.data_ptr<scalar_t>();
-  const int64_t n = w.info.numel;
-  int64_t ri[kLanes], ci[kLanes];
-  if (w.info.factored) {
-    FactoredCursor cur(w.info.geo, e0);
-    for (int l = 0; l < count; ++l, cur.next()) {
-      ri[l] = cur.row_index();
-      ci[l] = cur.col_index();
-    }
+// kLanes floats operated on lane-wise; lowered to the widest vectors of the clone's target.
+typedef float LaneVector __attribute__((vector_size(kLanes * sizeof(float))));
+typedef double LaneVectorD __attribute__((vector_size(kLanes * sizeof(double))));
+
+LO_HD LaneVector load_lanes(const float* src, int count) {
+  LaneVector out{};
+  if (count == kLanes) {
+    std::memcpy(&out, src, sizeof(out));
+  } else {
+    for (int l = 0; l < count; ++l) out[l] = src[l];
   }
-  const int64_t rsize = w.info.factored ? w.info.geo.row_numel() : n;
-  const int64_t csize = w.info.factored ? w.info.geo.col_numel() : n;
-  for (int l = 0; l < kLanes; ++l) {
-    if (l >= count) {  // padding lanes: harmless finite inputs, results discarded
-      for (int c = 0; c < kFeatures; ++c) x[c][l] = 0.f;
-      pv[l] = 0.f;
-      continue;
-    }
-    const int64_t e = e0 + l;
-    ElementInputs in;
-    in.g = load(g, e);
-    in.p = load(p, e);
-    pv[l] = in.p;
-    for (int k = 0; k < kMomentumChannels; ++k) {
-      float& m = w.m[k * n + e];
-      if (update_state) m = ema(m, in.g, decays[kDecayMomentum + k]);
-      in.m[k] = m;
-    }
-    float& v = w.v[e];
-    if (update_state) v = ema(v, in.g * in.g, clip01(decays[kDecayRms]));
-    in.v = v;
-    if (w.info.factored) {
-      float r[kFactoredChannels], c[kFactoredChannels], rs[kFactoredChannels],
-          cs[kFactoredChannels], rf[kFactoredChannels], cf[kFactoredChannels];
-      for (int k = 0; k < kFactoredChannels; ++k) {
-        r[k] = w.row[k * rsize + ri[l]];
-        rs[k] = w.row_rsqrt[k * rsize + ri[l]];
-        rf[k] = w.row_fac[k * rsize + ri[l]];
-        c[k] = w.col[k * csize + ci[l]];
-        cs[k] = w.col_rsqrt[k * csize + ci[l]];
-        cf[k] = w.col_fac[k * csize + ci[l]];
-      }
-      set_factored(in, r, c, rs, cs, rf, cf);
-    } else {
-      float u[kFactoredChannels];
-      for (int k = 0; k < kFactoredChannels; ++k) {
-        float& s = w.row[k * n + e];
-        if (update_state) s = ema(s, factored_gsq(in.g), clip01(decays[kDecayFactored + k]));
-        u[k] = s;
-      }
-      set_unfactored(in, u);
-    }
-    float f[kFeatures];
-    features(in, f);
-    for (int c = 0; c < kFeatures; ++c) x[c][l] = f[c];
+  return out;
+}
+
+template <typename scalar_t>
+LO_HD LaneVector load_lanes(const scalar_t* src, int count) {
+  LaneVector out{};
+  for (int l = 0; l < count; ++l) out[l] = static_cast<float>(src[l]);
+  return out;
+}
+
+LO_HD void store_lanes(float* dst, const LaneVector& v, int count) {
+  if (count == kLanes) {
+    std::memcpy(dst, &v, sizeof(v));
+  } else {
+    for (int l = 0; l < count; ++l) dst[l] = v[l];
   }
 }
+
+// Features of the `count` consecutive elements starting at `e0`, un-normalised, one vector
+// lane per element (lanes past `count` carry harmless finite values). With `update_state`,
+// the momentum, rms and diagonal accumulators are updated in place first (pass 2);
+// otherwise they are read as updated (pass 3).
+template <typename scalar_t, bool update_state>
+LO_HD void tile_features(TensorWork& w, int64_t e0, int count, const float* decays,
+                         LaneVector (&x)[kFeatures], LaneVector& p_out) {
+  const int64_t n = w.info.numel;
+  ElementInputs<LaneVector> in;
+  in.g = load_lanes(w.g.data_ptr<scalar_t>() + e0, count);
+  in.p = load_lanes(w.p.data_ptr<scalar_t>() + e0, count);
+  p_out = in.p;
+  for (int k = 0; k < kMomentumChannels; ++k) {
+    float* m = w.m + k * n + e0;
+    in.m[k] = load_lanes(m, count);
+    if (update_state) {
+      in.m[k] = ema(in.m[k], in.g, decays[kDecayMomentum + k]);
+      store_lanes(m, in.m[k], count);
+    }
+  }
+  in.v = load_lanes(w.v + e0, count);
+  if (update_state) {
+    in.v = ema(in.v, in.g * in.g, clip01(decays[kDecayRms]));
+    store_lanes(w.v + e0, in.v, count);
+  }
+  if (w.info.factored) {
+    const float* sources[6] = {w.row, w.row_rsqrt, w.row_fac, w.col, w.col_rsqrt, w.col_fac};
+    const int64_t rsize = w.info.geo.row_numel();
+    const int64_t csize = w.info.geo.col_numel();
+    const FactoredGeometry& geo = w.info.geo;
+    FactoredCursor cur(geo, e0);
+    LaneVector v[6][kFactoredChannels];
+    // Within one run of the innermost varying axis, each accumulator index is either
+    // consecutive across the tile (a vector load) or constant (a broadcast).
+    const bool c_run = geo.C > 1 && cur.c + count <= geo.C;       // both consecutive
+    const bool q_run = geo.C == 1 && cur.q + count <= geo.Q;      // drop-P consecutive
+    if (c_run || q_run) {
+      const int64_t ri = cur.row_index(), ci = cur.col_index();
+      const bool row_consecutive = c_run || geo.d0_is_p;
+      const bool col_consecutive = c_run || !geo.d0_is_p;
+      for (int src = 0; src < 6; ++src) {
+        const bool row = src < 3;
+        const int64_t idx = row ? ri : ci;
+        const int64_t size = row ? rsize : csize;
+        const bool consecutive = row ? row_consecutive : col_consecutive;
+        for (int k = 0; k < kFactoredChannels; ++k) {
+          const float* base = sources[src] + k * size + idx;
+          v[src][k] = consecutive ? load_lanes(base, count) : splat<LaneVector>(*base);
+        }
+      }
+    } else {
+      alignas(64) float a[6][kFactoredChannels][kLanes];
+      for (int l = 0; l < count; ++l, cur.next()) {
+        const int64_t ri = cur.row_index(), ci = cur.col_index();
+        for (int src = 0; src < 6; ++src) {
+          const int64_t idx = src < 3 ? ri : ci;
+          const int64_t size = src < 3 ? rsize : csize;
+          for (int k = 0; k < kFactoredChannels; ++k) a[src][k][l] = sources[src][k * size + idx];
+        }
+      }
+      for (int src = 0; src < 6; ++src)
+        for (int k = 0; k < kFactoredChannels; ++k) v[src][k] = load_lanes(a[src][k], count);
+    }
+    set_factored(in, v[0], v[3], v[1], v[4], v[2], v[5]);
+  } else {
+    LaneVector u[kFactoredChannels];
+    for (int k = 0; k < kFactoredChannels; ++k) {
+      float* state = w.row + k * n + e0;
+      u[k] = load_lanes(state, count);
+      if (update_state) {
+        u[k] = ema(u[k], factored_gsq(in.g), clip01(decays[kDecayFactored + k]));
+        store_lanes(state, u[k], count);
+      }
+    }
+    set_unfactored(in, u);
+  }
+  features(in, x);
+}
+
+// Sums of squares of the 28 features over [e0, e1): float sums over at most kFloatTiles
+// tiles per lane, folded into double sums, combined over lanes in a fixed order.
+constexpr int kFloatTiles = 8;
 
 template <typename scalar_t>
 LO_CPU_CLONES void accumulate_chunk(TensorWork& w, int64_t e0, int64_t e1, const float* decays,
                                     double* sums) {
-  double acc[kFeatures][kLanes];
-  for (int c = 0; c < kFeatures; ++c)
-    for (int l = 0; l < kLanes; ++l) acc[c][l] = 0.0;
-  float x[kFeatures][kLanes];
-  float pv[kLanes];
+  LaneVectorD acc[kFeatures];
+  LaneVector part[kFeatures];
+  for (int c = 0; c < kFeatures; ++c) {
+    acc[c] = LaneVectorD{};
+    part[c] = LaneVector{};
+  }
+  LaneVector x[kFeatures];
+  LaneVector pv;
+  int tiles = 0;
   for (int64_t e = e0; e < e1; e += kLanes) {
     const int count = static_cast<int>(std::min<int64_t>(kLanes, e1 - e));
     tile_features<scalar_t, true>(w, e, count, decays, x, pv);
-    for (int c = 0; c < kFeatures; ++c)
-      for (int l = 0; l < kLanes; ++l) acc[c][l] += static_cast<double>(x[c][l]) * x[c][l];
+    if (count < kLanes) {  // padding lanes do not count
+      for (int c = 0; c < kFeatures; ++c)
+        for (int l = count; l < kLanes; ++l) x[c][l] = 0.f;
+    }
+    for (int c = 0; c < kFeatures; ++c) part[c] += x[c] * x[c];
+    if (++tiles == kFloatTiles || e + kLanes >= e1) {
+      for (int c = 0; c < kFeatures; ++c) {
+        acc[c] += __builtin_convertvector(part[c], LaneVectorD);
+        part[c] = LaneVector{};
+      }
+      tiles = 0;
+    }
   }
   for (int c = 0; c < kFeatures; ++c) {
     double s = 0.0;
@@ -234,29 +295,20 @@ LO_CPU_CLONES void accumulate_chunk(TensorWork& w, int64_t e0, int64_t e1, const
   }
 }
 
-// kLanes floats operated on lane-wise; lowered to the widest vectors of the clone's target.
-typedef float LaneVector __attribute__((vector_size(kLanes * sizeof(float))));
-
 template <typename scalar_t>
 LO_CPU_CLONES void update_chunk(TensorWork& w, int64_t e0, int64_t e1, const float* decays,
                                 const float* weights, float lr, float weight_decay,
                                 float step_mult, float exp_mult) {
   scalar_t* p = w.p.data_ptr<scalar_t>();
-  alignas(64) float x[kFeatures][kLanes];
-  alignas(64) float pv[kLanes];
-  alignas(64) float out[kOutputs][kLanes];
-  LaneVector xv[kFeatures];
-  LaneVector direction, magnitude;
+  LaneVector x[kFeatures];
+  LaneVector pv, direction, magnitude;
   for (int64_t e = e0; e < e1; e += kLanes) {
     const int count = static_cast<int>(std::min<int64_t>(kLanes, e1 - e));
     tile_features<scalar_t, false>(w, e, count, decays, x, pv);
-    std::memcpy(xv, x, sizeof(x));
-    mlp_forward(xv, w.w0s.data(), w.b0t.data(), weights + kW1, weights + kB1, weights + kW2,
+    mlp_forward(x, w.w0s.data(), w.b0t.data(), weights + kW1, weights + kB1, weights + kW2,
                 weights + kB2, direction, magnitude);
-    std::memcpy(out[0], &direction, sizeof(direction));
-    std::memcpy(out[1], &magnitude, sizeof(magnitude));
     for (int l = 0; l < count; ++l) {
-      const float step = step_from_outputs(out[0][l], out[1][l], exp_mult, step_mult);
+      const float step = step_from_outputs(direction[l], magnitude[l], exp_mult, step_mult);
       p[e + l] = static_cast<scalar_t>(apply_step(pv[l], step, lr, weight_decay));
     }
   }
