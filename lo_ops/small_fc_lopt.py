@@ -105,6 +105,7 @@ class SmallFCLOpt(Optimizer):
                     f"parameter {pi}, dtype {p.dtype})"
                 )
             self._fused_for(p.device)
+            self._meta(p.device)  # created now, so that a compiled step finds it unchanged
         # lr lives on the parameters' device (all devices of a group must agree for that).
         devices = {p.device for p in group["params"]}
         if len(devices) == 1:
