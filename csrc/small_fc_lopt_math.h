@@ -144,7 +144,17 @@ LO_HD void set_unfactored(ElementInputs<T>& e, const T (&u)[kFactoredChannels]) 
   }
 }
 
-// Row/column factors of a factored tensor: `rf` = row_factor, `cf` = col_factor.
+// The row/column factors of a factored tensor: `rf` = row_factor, `cf` = col_factor. This is
+// all that the element-wise channels need of the factored accumulators.
+template <typename T>
+LO_HD void set_factored_factors(ElementInputs<T>& e, const T (&rf)[kFactoredChannels],
+                                const T (&cf)[kFactoredChannels]) {
+  for (int k = 0; k < kFactoredChannels; ++k) {
+    e.grad_factor[k] = rf[k] * cf[k];
+    e.mom_factor[k] = rf[k] * cf[k];
+  }
+}
+
 template <typename T>
 LO_HD void set_factored(ElementInputs<T>& e, const T (&r)[kFactoredChannels],
                         const T (&c)[kFactoredChannels], const T (&rs)[kFactoredChannels],
@@ -155,14 +165,22 @@ LO_HD void set_factored(ElementInputs<T>& e, const T (&r)[kFactoredChannels],
     e.col[k] = c[k];
     e.row_rsqrt[k] = rs[k];
     e.col_rsqrt[k] = cs[k];
-    e.grad_factor[k] = rf[k] * cf[k];
-    e.mom_factor[k] = rf[k] * cf[k];
   }
+  set_factored_factors(e, rf, cf);
 }
 
-// The 28 un-normalised features of spec section 2, in channel order.
+// Of the 28 channels, 13..24 (r, c and their rsqrt) are, for a factored tensor, constant
+// along d0 (row channels 13-15, 19-21) or along d1 (column channels 16-18, 22-24). The other
+// 16 vary element by element; element_channel(i) is the channel of the i-th of them.
+constexpr int kElementFeatures = 16;
+constexpr int kFirstRowChannel = 13;      // r: 13-15, rsqrt(r + 1e-8): 19-21
+constexpr int kFirstColChannel = 16;      // c: 16-18, rsqrt(c + 1e-8): 22-24
+constexpr int kRsqrtChannelOffset = 6;
+LO_HD int element_channel(int i) { return i < 13 ? i : i + 12; }
+
+// The 16 element-wise features (channels 0-12 and 25-27), un-normalised.
 template <typename T>
-LO_HD void features(const ElementInputs<T>& e, T (&f)[kFeatures]) {
+LO_HD void element_features(const ElementInputs<T>& e, T (&f)[kElementFeatures]) {
   f[0] = e.g;
   f[1] = e.p;
   const T v_rsqrt = rsqrt_exact(e.v + 1e-6f);
@@ -174,11 +192,21 @@ LO_HD void features(const ElementInputs<T>& e, T (&f)[kFeatures]) {
   f[9] = v_rsqrt;
   for (int k = 0; k < kFactoredChannels; ++k) {
     f[10 + k] = e.g * e.grad_factor[k];
-    f[13 + k] = e.row[k];
-    f[16 + k] = e.col[k];
-    f[19 + k] = e.row_rsqrt[k];
-    f[22 + k] = e.col_rsqrt[k];
-    f[25 + k] = e.m[k] * e.mom_factor[k];
+    f[13 + k] = e.m[k] * e.mom_factor[k];
+  }
+}
+
+// The 28 un-normalised features of spec section 2, in channel order.
+template <typename T>
+LO_HD void features(const ElementInputs<T>& e, T (&f)[kFeatures]) {
+  T ef[kElementFeatures];
+  element_features(e, ef);
+  for (int i = 0; i < kElementFeatures; ++i) f[element_channel(i)] = ef[i];
+  for (int k = 0; k < kFactoredChannels; ++k) {
+    f[kFirstRowChannel + k] = e.row[k];
+    f[kFirstColChannel + k] = e.col[k];
+    f[kFirstRowChannel + kRsqrtChannelOffset + k] = e.row_rsqrt[k];
+    f[kFirstColChannel + kRsqrtChannelOffset + k] = e.col_rsqrt[k];
   }
 }
 
@@ -187,15 +215,10 @@ LO_HD float normalisation_scale(double sum_sq, int64_t n) {
   return rsqrt_exact(1e-5f + static_cast<float>(sum_sq / static_cast<double>(n)));
 }
 
-// The MLP 39 -> 32 -> 32 -> 2 of one element, or of a SIMD vector of elements: V is float
-// (CUDA: one element per thread) or a GCC vector of floats (CPU). `w0s` is [kHidden, kFeatures]: the first layer
-// restricted to the 28 per-element features with the per-tensor normalisation scales folded
-// in; `b0t` is the first-layer bias with the (per-tensor constant) time features folded in;
-// w1, b1, w2, b2 as in the packed layout.
 // out = relu(W in + b) with W [Out, In] row-major, a few output units at a time so that
-// their accumulators stay in registers.
-template <int In, int Out, typename V>
-LO_HD void dense_relu(const V (&in)[In], const float* w, const float* b, V (&out)[Out]) {
+// their accumulators stay in registers. `b` holds floats or per-lane vectors.
+template <int In, int Out, typename V, typename B>
+LO_HD void dense_relu(const V (&in)[In], const float* w, const B* b, V (&out)[Out]) {
   constexpr int JB = 8;
   static_assert(Out % JB == 0, "output units must be a multiple of the block");
   for (int j0 = 0; j0 < Out; j0 += JB) {
@@ -207,12 +230,19 @@ LO_HD void dense_relu(const V (&in)[In], const float* w, const float* b, V (&out
   }
 }
 
-template <typename V>
-LO_HD void mlp_forward(const V (&x)[kFeatures], const float* w0s, const float* b0t,
-                       const float* w1, const float* b1, const float* w2, const float* b2,
-                       V& direction, V& magnitude) {
+// The MLP 39 -> 32 -> 32 -> 2 of one element, or of a SIMD vector of elements: V is float
+// (CUDA: one element per thread) or a GCC vector of floats (CPU). The first layer sees only
+// the In features that vary per element: `w0` is [kHidden, In] with the per-tensor
+// normalisation scales folded in, and `b0` [kHidden] (floats, or per-lane vectors) is the
+// first-layer bias plus everything constant for the element: the time features and, for a
+// factored tensor read with In = kElementFeatures, its row and column channels. w1, b1, w2,
+// b2 as in the packed layout.
+template <int In, typename V, typename B>
+LO_HD void mlp_forward(const V (&x)[In], const float* w0, const B* b0, const float* w1,
+                       const float* b1, const float* w2, const float* b2, V& direction,
+                       V& magnitude) {
   V h1[kHidden];
-  dense_relu(x, w0s, b0t, h1);
+  dense_relu(x, w0, b0, h1);
   V h2[kHidden];
   dense_relu(h1, w1, b1, h2);
   // The output layer: 4 interleaved partial sums per output keep 8 independent chains.

@@ -1,13 +1,17 @@
 // CPU kernel of lo_ops::small_fc_lopt_step_.
 //
 // Three passes over a whole bucket of parameters, each one at::parallel_for over a work list
-// that spans all tensors (so 300 small tensors cost three parallel regions, not 900):
+// that spans all tensors (so 300 small tensors cost a few parallel regions, not 900):
 //   1. factored tensors: row/column means of g^2 update r and c, then the per-row mean of r
 //      gives the row factors (small arrays, kept in a scratch buffer);
 //   2. every element: momentum, rms and diagonal accumulators are updated in place and the
-//      sum of squares of each of the 28 features is accumulated per chunk (in double);
-//   3. every element: features are rebuilt, normalised (the scales are folded into the first
-//      layer), pushed through the MLP a tile of kLanes elements at a time, and p is updated.
+//      sum of squares of each feature is accumulated per chunk. For a factored tensor only the
+//      16 element-wise channels are summed here; its row/column channels are sums over r and
+//      c times the length of the broadcast axis;
+//   3. per tensor, the normalisation scales and the time features are folded into the first
+//      layer, and for a factored tensor the row/column channels become per-row and per-column
+//      first-layer contributions; then for every element the features are rebuilt, pushed
+//      through the MLP a tile of kLanes elements at a time, and p is updated.
 // No [n, 39] feature tensor is ever formed. Chunks have a fixed size, and per-chunk partial
 // sums are combined in chunk order, so results do not depend on the number of threads.
 #include <ATen/ATen.h>
@@ -48,15 +52,35 @@ struct TensorWork {
   float* v = nullptr;
   float* row = nullptr;   // r (factored) or u (unfactored)
   float* col = nullptr;   // c (factored)
-  float* row_rsqrt = nullptr;   // scratch, factored: rsqrt(r + 1e-8)
-  float* row_fac = nullptr;     // scratch, factored: row_factor
-  float* col_rsqrt = nullptr;   // scratch, factored: rsqrt(c + 1e-8)
-  float* col_fac = nullptr;     // scratch, factored: col_factor
+  // Scratch of a factored tensor: [3, |r|] and [3, |c|] planes, then [kHidden, |r|] and
+  // [kHidden, |c|] first-layer contributions of the row and column channels.
+  float* row_rsqrt = nullptr;  // rsqrt(r + 1e-8)
+  float* row_fac = nullptr;    // row_factor
+  float* col_rsqrt = nullptr;  // rsqrt(c + 1e-8)
+  float* col_fac = nullptr;    // col_factor
+  float* row_contrib = nullptr;
+  float* col_contrib = nullptr;
   float t = 0.f;  // steps already taken
   int64_t first_chunk = 0;
   int64_t num_chunks = 0;
-  std::array<float, kHidden * kFeatures> w0s{};  // first layer with normalisation folded in
-  std::array<float, kHidden> b0t{};              // first bias with time features folded in
+  // First layer with the normalisation folded in: [kHidden, 28] (unfactored) or
+  // [kHidden, kElementFeatures] over the element-wise channels (factored).
+  std::array<float, kHidden * kFeatures> w0s{};
+  std::array<float, kHidden> b0t{};  // first bias with the time features folded in
+
+  static int64_t scratch_numel(const SmallFCLOptTensorInfo& info) {
+    if (!info.factored) return 0;
+    return (2 * kFactoredChannels + kHidden) * (info.geo.row_numel() + info.geo.col_numel());
+  }
+  void set_scratch(float* sp) {
+    const int64_t rs = info.geo.row_numel(), cs = info.geo.col_numel();
+    row_rsqrt = sp;
+    row_fac = row_rsqrt + kFactoredChannels * rs;
+    col_rsqrt = row_fac + kFactoredChannels * rs;
+    col_fac = col_rsqrt + kFactoredChannels * cs;
+    row_contrib = col_fac + kFactoredChannels * cs;
+    col_contrib = row_contrib + kHidden * rs;
+  }
 };
 
 // A reduction over the middle axis of a [O, R, I] view, for o in [o0, o1) and i in [i0, i1).
@@ -177,18 +201,61 @@ LO_HD void store_lanes(float* dst, const LaneVector& v, int count) {
   }
 }
 
-// Features of the `count` consecutive elements starting at `e0`, un-normalised, one vector
-// lane per element (lanes past `count` carry harmless finite values). With `update_state`,
-// the momentum, rms and diagonal accumulators are updated in place first (pass 2);
-// otherwise they are read as updated (pass 3).
-template <typename scalar_t, bool update_state>
-LO_HD void tile_features(TensorWork& w, int64_t e0, int count, const float* decays,
-                         LaneVector (&x)[kFeatures], LaneVector& p_out) {
+// Where the elements of a tile of a factored tensor read their row- and column-indexed
+// values. Within one run of the innermost varying axis each index is either consecutive
+// across the tile (a vector load) or constant (a broadcast); otherwise per-lane indices.
+struct TileIndex {
+  bool run = false;
+  bool row_consecutive = false, col_consecutive = false;
+  int64_t row[kLanes], col[kLanes];  // row[0]/col[0] only when `run`
+};
+
+LO_HD void tile_index(const FactoredGeometry& geo, int64_t e0, int count, TileIndex& t) {
+  FactoredCursor cur(geo, e0);
+  const bool c_run = geo.C > 1 && cur.c + count <= geo.C;   // r and c indices consecutive
+  const bool q_run = geo.C == 1 && cur.q + count <= geo.Q;  // drop-P index consecutive
+  t.run = c_run || q_run;
+  if (t.run) {
+    t.row[0] = cur.row_index();
+    t.col[0] = cur.col_index();
+    t.row_consecutive = c_run || geo.d0_is_p;
+    t.col_consecutive = c_run || !geo.d0_is_p;
+    return;
+  }
+  for (int l = 0; l < count; ++l, cur.next()) {
+    t.row[l] = cur.row_index();
+    t.col[l] = cur.col_index();
+  }
+}
+
+// `planes` planes of `size` values each, indexed like r (`by_row`) or like c, for the tile.
+LO_HD void load_planes(const TileIndex& t, bool by_row, const float* base, int64_t size,
+                       int planes, int count, LaneVector* out) {
+  const int64_t* index = by_row ? t.row : t.col;
+  const bool consecutive = by_row ? t.row_consecutive : t.col_consecutive;
+  for (int k = 0; k < planes; ++k) {
+    const float* src = base + k * size;
+    if (t.run) {
+      out[k] = consecutive ? load_lanes(src + index[0], count) : splat<LaneVector>(src[index[0]]);
+    } else {
+      LaneVector v{};
+      for (int l = 0; l < count; ++l) v[l] = src[index[l]];
+      out[k] = v;
+    }
+  }
+}
+
+// The inputs of the `count` consecutive elements starting at `e0`, one vector lane per
+// element (lanes past `count` carry harmless finite values). With `update_state`, the
+// momentum, rms and diagonal accumulators are updated in place first (pass 2); otherwise they
+// are read as updated (pass 3). For a factored tensor only the row/column factors are read:
+// its row and column channels enter through per-row/per-column sums (see fold_first_layer).
+template <typename scalar_t, bool update_state, bool factored>
+LO_HD void tile_inputs(TensorWork& w, int64_t e0, int count, const float* decays,
+                       const TileIndex& ti, ElementInputs<LaneVector>& in) {
   const int64_t n = w.info.numel;
-  ElementInputs<LaneVector> in;
   in.g = load_lanes(w.g.data_ptr<scalar_t>() + e0, count);
   in.p = load_lanes(w.p.data_ptr<scalar_t>() + e0, count);
-  p_out = in.p;
   for (int k = 0; k < kMomentumChannels; ++k) {
     float* m = w.m + k * n + e0;
     in.m[k] = load_lanes(m, count);
@@ -202,45 +269,11 @@ LO_HD void tile_features(TensorWork& w, int64_t e0, int count, const float* deca
     in.v = ema(in.v, in.g * in.g, clip01(decays[kDecayRms]));
     store_lanes(w.v + e0, in.v, count);
   }
-  if (w.info.factored) {
-    const float* sources[6] = {w.row, w.row_rsqrt, w.row_fac, w.col, w.col_rsqrt, w.col_fac};
-    const int64_t rsize = w.info.geo.row_numel();
-    const int64_t csize = w.info.geo.col_numel();
-    const FactoredGeometry& geo = w.info.geo;
-    FactoredCursor cur(geo, e0);
-    LaneVector v[6][kFactoredChannels];
-    // Within one run of the innermost varying axis, each accumulator index is either
-    // consecutive across the tile (a vector load) or constant (a broadcast).
-    const bool c_run = geo.C > 1 && cur.c + count <= geo.C;       // both consecutive
-    const bool q_run = geo.C == 1 && cur.q + count <= geo.Q;      // drop-P consecutive
-    if (c_run || q_run) {
-      const int64_t ri = cur.row_index(), ci = cur.col_index();
-      const bool row_consecutive = c_run || geo.d0_is_p;
-      const bool col_consecutive = c_run || !geo.d0_is_p;
-      for (int src = 0; src < 6; ++src) {
-        const bool row = src < 3;
-        const int64_t idx = row ? ri : ci;
-        const int64_t size = row ? rsize : csize;
-        const bool consecutive = row ? row_consecutive : col_consecutive;
-        for (int k = 0; k < kFactoredChannels; ++k) {
-          const float* base = sources[src] + k * size + idx;
-          v[src][k] = consecutive ? load_lanes(base, count) : splat<LaneVector>(*base);
-        }
-      }
-    } else {
-      alignas(64) float a[6][kFactoredChannels][kLanes];
-      for (int l = 0; l < count; ++l, cur.next()) {
-        const int64_t ri = cur.row_index(), ci = cur.col_index();
-        for (int src = 0; src < 6; ++src) {
-          const int64_t idx = src < 3 ? ri : ci;
-          const int64_t size = src < 3 ? rsize : csize;
-          for (int k = 0; k < kFactoredChannels; ++k) a[src][k][l] = sources[src][k * size + idx];
-        }
-      }
-      for (int src = 0; src < 6; ++src)
-        for (int k = 0; k < kFactoredChannels; ++k) v[src][k] = load_lanes(a[src][k], count);
-    }
-    set_factored(in, v[0], v[3], v[1], v[4], v[2], v[5]);
+  if (factored) {
+    LaneVector rf[kFactoredChannels], cf[kFactoredChannels];
+    load_planes(ti, true, w.row_fac, w.info.geo.row_numel(), kFactoredChannels, count, rf);
+    load_planes(ti, false, w.col_fac, w.info.geo.col_numel(), kFactoredChannels, count, cf);
+    set_factored_factors(in, rf, cf);
   } else {
     LaneVector u[kFactoredChannels];
     for (int k = 0; k < kFactoredChannels; ++k) {
@@ -253,79 +286,161 @@ LO_HD void tile_features(TensorWork& w, int64_t e0, int count, const float* deca
     }
     set_unfactored(in, u);
   }
-  features(in, x);
 }
 
-// Sums of squares of the 28 features over [e0, e1): float sums over at most kFloatTiles
-// tiles per lane, folded into double sums, combined over lanes in a fixed order.
+// The features the first layer reads per element: the 16 element-wise channels of a factored
+// tensor, all 28 channels of an unfactored one.
+template <bool factored>
+constexpr int kTileFeatures = factored ? kElementFeatures : kFeatures;
+
+template <bool factored>
+LO_HD void tile_features(const ElementInputs<LaneVector>& in,
+                         LaneVector (&x)[kTileFeatures<factored>]) {
+  if constexpr (factored)
+    element_features(in, x);
+  else
+    features(in, x);
+}
+
+// Sums of squares of the features over [e0, e1): float sums over at most kFloatTiles tiles
+// per lane, folded into double sums, combined over lanes in a fixed order.
 constexpr int kFloatTiles = 8;
 
-template <typename scalar_t>
+template <typename scalar_t, bool factored>
 LO_CPU_CLONES void accumulate_chunk(TensorWork& w, int64_t e0, int64_t e1, const float* decays,
                                     double* sums) {
-  LaneVectorD acc[kFeatures];
-  LaneVector part[kFeatures];
-  for (int c = 0; c < kFeatures; ++c) {
+  constexpr int kF = kTileFeatures<factored>;
+  LaneVectorD acc[kF];
+  LaneVector part[kF];
+  for (int c = 0; c < kF; ++c) {
     acc[c] = LaneVectorD{};
     part[c] = LaneVector{};
   }
-  LaneVector x[kFeatures];
-  LaneVector pv;
+  LaneVector x[kF];
+  TileIndex ti;
+  ElementInputs<LaneVector> in;
   int tiles = 0;
   for (int64_t e = e0; e < e1; e += kLanes) {
     const int count = static_cast<int>(std::min<int64_t>(kLanes, e1 - e));
-    tile_features<scalar_t, true>(w, e, count, decays, x, pv);
+    if (factored) tile_index(w.info.geo, e, count, ti);
+    tile_inputs<scalar_t, true, factored>(w, e, count, decays, ti, in);
+    tile_features<factored>(in, x);
     if (count < kLanes) {  // padding lanes do not count
-      for (int c = 0; c < kFeatures; ++c)
+      for (int c = 0; c < kF; ++c)
         for (int l = count; l < kLanes; ++l) x[c][l] = 0.f;
     }
-    for (int c = 0; c < kFeatures; ++c) part[c] += x[c] * x[c];
+    for (int c = 0; c < kF; ++c) part[c] += x[c] * x[c];
     if (++tiles == kFloatTiles || e + kLanes >= e1) {
-      for (int c = 0; c < kFeatures; ++c) {
+      for (int c = 0; c < kF; ++c) {
         acc[c] += __builtin_convertvector(part[c], LaneVectorD);
         part[c] = LaneVector{};
       }
       tiles = 0;
     }
   }
-  for (int c = 0; c < kFeatures; ++c) {
+  for (int c = 0; c < kFeatures; ++c) sums[c] = 0.0;
+  for (int c = 0; c < kF; ++c) {
     double s = 0.0;
     for (int l = 0; l < kLanes; ++l) s += acc[c][l];
-    sums[c] = s;
+    sums[factored ? element_channel(c) : c] = s;
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, bool factored>
 LO_CPU_CLONES void update_chunk(TensorWork& w, int64_t e0, int64_t e1, const float* decays,
                                 const float* weights, float lr, float weight_decay,
                                 float step_mult, float exp_mult) {
+  constexpr int kF = kTileFeatures<factored>;
   scalar_t* p = w.p.data_ptr<scalar_t>();
-  LaneVector x[kFeatures];
-  LaneVector pv, direction, magnitude;
+  LaneVector x[kF];
+  LaneVector direction, magnitude;
+  TileIndex ti;
+  ElementInputs<LaneVector> in;
   for (int64_t e = e0; e < e1; e += kLanes) {
     const int count = static_cast<int>(std::min<int64_t>(kLanes, e1 - e));
-    tile_features<scalar_t, false>(w, e, count, decays, x, pv);
-    mlp_forward(x, w.w0s.data(), w.b0t.data(), weights + kW1, weights + kB1, weights + kW2,
-                weights + kB2, direction, magnitude);
+    if (factored) tile_index(w.info.geo, e, count, ti);
+    tile_inputs<scalar_t, false, factored>(w, e, count, decays, ti, in);
+    tile_features<factored>(in, x);
+    if constexpr (factored) {
+      LaneVector row_c[kHidden], col_c[kHidden], b0[kHidden];
+      load_planes(ti, true, w.row_contrib, w.info.geo.row_numel(), kHidden, count, row_c);
+      load_planes(ti, false, w.col_contrib, w.info.geo.col_numel(), kHidden, count, col_c);
+      for (int j = 0; j < kHidden; ++j) b0[j] = (splat<LaneVector>(w.b0t[j]) + row_c[j]) + col_c[j];
+      mlp_forward(x, w.w0s.data(), b0, weights + kW1, weights + kB1, weights + kW2,
+                  weights + kB2, direction, magnitude);
+    } else {
+      mlp_forward(x, w.w0s.data(), w.b0t.data(), weights + kW1, weights + kB1, weights + kW2,
+                  weights + kB2, direction, magnitude);
+    }
     for (int l = 0; l < count; ++l) {
       const float step = step_from_outputs(direction[l], magnitude[l], exp_mult, step_mult);
-      p[e + l] = static_cast<scalar_t>(apply_step(pv[l], step, lr, weight_decay));
+      p[e + l] = static_cast<scalar_t>(apply_step(in.p[l], step, lr, weight_decay));
     }
   }
 }
 
-// Folds the normalisation scales and the time features into the first layer of `w`.
-void fold_first_layer(TensorWork& w, const double* sums, const float* weights) {
+// Sum of squares of `planes` planes of `size` values (double, in order).
+double sum_squares(const float* base, int64_t size) {
+  double s = 0.0;
+  for (int64_t i = 0; i < size; ++i) s += static_cast<double>(base[i]) * base[i];
+  return s;
+}
+
+// Folds the normalisation scales and the time features into the first layer of `w`; for a
+// factored tensor also completes the sums of its row/column channels (each r value stands for
+// size(d0) elements, each c value for size(d1)) and turns those channels into per-row and
+// per-column first-layer contributions.
+void fold_first_layer(TensorWork& w, const double* element_sums, const float* weights) {
+  double sums[kFeatures];
+  for (int c = 0; c < kFeatures; ++c) sums[c] = element_sums[c];
+  const int64_t rsize = w.info.factored ? w.info.geo.row_numel() : 0;
+  const int64_t csize = w.info.factored ? w.info.geo.col_numel() : 0;
+  if (w.info.factored) {
+    const auto& geo = w.info.geo;
+    const double d0_len = static_cast<double>(geo.d0_is_p ? geo.P : geo.Q);
+    const double d1_len = static_cast<double>(geo.d0_is_p ? geo.Q : geo.P);
+    for (int k = 0; k < kFactoredChannels; ++k) {
+      sums[kFirstRowChannel + k] = d0_len * sum_squares(w.row + k * rsize, rsize);
+      sums[kFirstRowChannel + kRsqrtChannelOffset + k] =
+          d0_len * sum_squares(w.row_rsqrt + k * rsize, rsize);
+      sums[kFirstColChannel + k] = d1_len * sum_squares(w.col + k * csize, csize);
+      sums[kFirstColChannel + kRsqrtChannelOffset + k] =
+          d1_len * sum_squares(w.col_rsqrt + k * csize, csize);
+    }
+  }
   float scale[kFeatures];
   for (int c = 0; c < kFeatures; ++c) scale[c] = normalisation_scale(sums[c], w.info.numel);
   float tf[kTimeFeatures];
   for (int k = 0; k < kTimeFeatures; ++k) tf[k] = time_feature(w.t, k);
   for (int j = 0; j < kHidden; ++j) {
     const float* row = weights + kW0 + j * kInputs;
-    for (int c = 0; c < kFeatures; ++c) w.w0s[j * kFeatures + c] = row[c] * scale[c];
+    float ws[kFeatures];
+    for (int c = 0; c < kFeatures; ++c) ws[c] = row[c] * scale[c];
     float b = weights[kB0 + j];
     for (int k = 0; k < kTimeFeatures; ++k) b += row[kFeatures + k] * tf[k];
     w.b0t[j] = b;
+    if (!w.info.factored) {
+      for (int c = 0; c < kFeatures; ++c) w.w0s[j * kFeatures + c] = ws[c];
+      continue;
+    }
+    for (int i = 0; i < kElementFeatures; ++i)
+      w.w0s[j * kElementFeatures + i] = ws[element_channel(i)];
+    for (int64_t ri = 0; ri < rsize; ++ri) {
+      float acc = 0.f;
+      for (int k = 0; k < kFactoredChannels; ++k) {
+        acc += ws[kFirstRowChannel + k] * w.row[k * rsize + ri];
+        acc += ws[kFirstRowChannel + kRsqrtChannelOffset + k] * w.row_rsqrt[k * rsize + ri];
+      }
+      w.row_contrib[j * rsize + ri] = acc;
+    }
+    for (int64_t ci = 0; ci < csize; ++ci) {
+      float acc = 0.f;
+      for (int k = 0; k < kFactoredChannels; ++k) {
+        acc += ws[kFirstColChannel + k] * w.col[k * csize + ci];
+        acc += ws[kFirstColChannel + kRsqrtChannelOffset + k] * w.col_rsqrt[k * csize + ci];
+      }
+      w.col_contrib[j * csize + ci] = acc;
+    }
   }
 }
 
@@ -378,24 +493,39 @@ void step_bucket(std::vector<TensorWork>& work, const float* decays, const float
   }
   std::vector<double> sums(chunks.size() * kFeatures);
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i)
-      accumulate_chunk<scalar_t>(work[chunks[i].tensor], chunks[i].e0, chunks[i].e1, decays,
-                                 sums.data() + i * kFeatures);
+    for (int64_t i = b; i < e; ++i) {
+      const Chunk& c = chunks[i];
+      auto& w = work[c.tensor];
+      double* out = sums.data() + i * kFeatures;
+      if (w.info.factored)
+        accumulate_chunk<scalar_t, true>(w, c.e0, c.e1, decays, out);
+      else
+        accumulate_chunk<scalar_t, false>(w, c.e0, c.e1, decays, out);
+    }
   });
-  for (auto& w : work) {
-    if (w.info.numel == 0) continue;
-    double total[kFeatures] = {};
-    for (int64_t ci = w.first_chunk; ci < w.first_chunk + w.num_chunks; ++ci)
-      for (int c = 0; c < kFeatures; ++c) total[c] += sums[ci * kFeatures + c];
-    fold_first_layer(w, total, weights);
-  }
 
-  // Pass 3: normalise, MLP, update.
+  // Pass 3: fold the per-tensor constants into the first layer, then MLP and update.
+  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t ti = b; ti < e; ++ti) {
+      auto& w = work[ti];
+      if (w.info.numel == 0) continue;
+      double total[kFeatures] = {};
+      for (int64_t ci = w.first_chunk; ci < w.first_chunk + w.num_chunks; ++ci)
+        for (int c = 0; c < kFeatures; ++c) total[c] += sums[ci * kFeatures + c];
+      fold_first_layer(w, total, weights);
+    }
+  });
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i)
-      update_chunk<scalar_t>(work[chunks[i].tensor], chunks[i].e0, chunks[i].e1, decays,
-                             weights, lr, static_cast<float>(weight_decay),
-                             static_cast<float>(step_mult), static_cast<float>(exp_mult));
+    for (int64_t i = b; i < e; ++i) {
+      const Chunk& c = chunks[i];
+      auto& w = work[c.tensor];
+      const float wd = static_cast<float>(weight_decay), sm = static_cast<float>(step_mult),
+                  em = static_cast<float>(exp_mult);
+      if (w.info.factored)
+        update_chunk<scalar_t, true>(w, c.e0, c.e1, decays, weights, lr, wd, sm, em);
+      else
+        update_chunk<scalar_t, false>(w, c.e0, c.e1, decays, weights, lr, wd, sm, em);
+    }
   });
 }
 
@@ -411,11 +541,8 @@ void small_fc_lopt_step_cpu(at::TensorList params, at::TensorList grads,
   if (params.empty()) return;
   const float lr_value = lr.item<float>();
 
-  // Scratch for the factored row/column factors: 2 * 3 * (|r| + |c|) floats per tensor.
   int64_t scratch_numel = 0;
-  for (const auto& info : infos)
-    if (info.factored)
-      scratch_numel += 2 * kFactoredChannels * (info.geo.row_numel() + info.geo.col_numel());
+  for (const auto& info : infos) scratch_numel += TensorWork::scratch_numel(info);
   at::Tensor scratch = at::empty({scratch_numel}, meta_weights.options());
   float* sp = scratch.data_ptr<float>();
 
@@ -429,15 +556,10 @@ void small_fc_lopt_step_cpu(at::TensorList params, at::TensorList grads,
     w.v = rms[i].data_ptr<float>();
     w.t = state_steps[i].item<float>();
     if (w.info.factored) {
-      const int64_t rsize = kFactoredChannels * w.info.geo.row_numel();
-      const int64_t csize = kFactoredChannels * w.info.geo.col_numel();
       w.row = fac_row[w.info.state_index].data_ptr<float>();
       w.col = fac_col[w.info.state_index].data_ptr<float>();
-      w.row_rsqrt = sp;
-      w.row_fac = sp + rsize;
-      w.col_rsqrt = sp + 2 * rsize;
-      w.col_fac = sp + 2 * rsize + csize;
-      sp += 2 * (rsize + csize);
+      w.set_scratch(sp);
+      sp += TensorWork::scratch_numel(w.info);
     } else {
       w.row = fac_diag[w.info.state_index].data_ptr<float>();
     }
