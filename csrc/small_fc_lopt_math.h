@@ -258,14 +258,25 @@ LO_HD void mlp_forward(const V (&x)[In], const float* w0, const B* b0, const flo
   magnitude = (splat<V>(b2[1]) + (part[1][0] + part[1][1])) + (part[1][2] + part[1][3]);
 }
 
+// exp, lane-wise. Backends that use a vector type specialise it; one element uses expf.
+template <typename T>
+LO_HD T exp_lanes(T x);
+
+template <>
+LO_HD float exp_lanes<float>(float x) {
+  return expf(x);
+}
+
 // step = direction * exp(magnitude * exp_mult) * step_mult
-LO_HD float step_from_outputs(float direction, float magnitude, float exp_mult, float step_mult) {
-  return direction * expf(magnitude * exp_mult) * step_mult;
+template <typename T>
+LO_HD T step_from_outputs(T direction, T magnitude, float exp_mult, float step_mult) {
+  return direction * exp_lanes(magnitude * exp_mult) * step_mult;
 }
 
 // p <- p - lr * step, then decoupled weight decay p <- p - lr * weight_decay * p.
-LO_HD float apply_step(float p, float step, float lr, float weight_decay) {
-  const float updated = p - lr * step;
+template <typename T>
+LO_HD T apply_step(T p, T step, float lr, float weight_decay) {
+  const T updated = p - lr * step;
   return updated - lr * weight_decay * updated;
 }
 

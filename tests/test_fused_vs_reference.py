@@ -97,3 +97,24 @@ def test_results_do_not_depend_on_thread_count():
         torch.set_num_threads(threads)
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+def test_dense_network_with_wide_exp_arguments():
+    # Every weight non-zero and exp_mult = 4: exp(magnitude * exp_mult) spans many orders of
+    # magnitude. One step, compared as the spec compares steps (relative error of the step).
+    from lo_ops.networks import SmallFCLOptNetwork
+
+    gen = torch.Generator().manual_seed(5)
+    net = SmallFCLOptNetwork(exp_mult=4.0, step_mult=0.001)
+    with torch.no_grad():
+        for layer in net.layers:
+            layer.weight.normal_(0, 0.4, generator=gen)
+            layer.bias.normal_(0, 0.2, generator=gen)
+    shapes = [(64, 48), (5, 7, 9), (33,)]
+    start = make_params(shapes, non_contiguous=False)
+    fused_params, ref_params, fused, ref = _run_both(shapes, torch.float32, steps=1, pretrained=net, lr=2.0**-20)
+    for p0, a, b in zip(start, fused_params, ref_params):
+        step_a = (p0.double() - a.double()) * 2.0**20
+        step_b = (p0.double() - b.double()) * 2.0**20
+        assert step_b.abs().max() / step_b.abs().min() > 1e3  # a wide range of step sizes
+        assert (step_a - step_b).norm() / step_b.norm() < 1e-5

@@ -26,6 +26,7 @@
 
 #include "../small_fc_lopt.h"
 #include "../small_fc_lopt_math.h"
+#include "lane_vector.h"
 
 // Hot loops get an AVX-512 and an AVX2 clone next to the baseline one; the loader picks one
 // for the machine it runs on (no -march=native in the build).
@@ -42,7 +43,6 @@ using namespace small_fc_lopt;
 
 constexpr int64_t kChunk = 4096;       // elements per work item of passes 2 and 3
 constexpr int64_t kReduceWork = 16384; // elements per work item of pass 1
-constexpr int kLanes = 16;             // elements per MLP tile
 
 struct TensorWork {
   SmallFCLOptTensorInfo info;
@@ -169,35 +169,6 @@ LO_CPU_CLONES void run_reduce_task(const ReduceTask& t, TensorWork& w, const flo
         }
       }
     }
-  }
-}
-
-// kLanes floats operated on lane-wise; lowered to the widest vectors of the clone's target.
-typedef float LaneVector __attribute__((vector_size(kLanes * sizeof(float))));
-typedef double LaneVectorD __attribute__((vector_size(kLanes * sizeof(double))));
-
-LO_HD LaneVector load_lanes(const float* src, int count) {
-  LaneVector out{};
-  if (count == kLanes) {
-    std::memcpy(&out, src, sizeof(out));
-  } else {
-    for (int l = 0; l < count; ++l) out[l] = src[l];
-  }
-  return out;
-}
-
-template <typename scalar_t>
-LO_HD LaneVector load_lanes(const scalar_t* src, int count) {
-  LaneVector out{};
-  for (int l = 0; l < count; ++l) out[l] = static_cast<float>(src[l]);
-  return out;
-}
-
-LO_HD void store_lanes(float* dst, const LaneVector& v, int count) {
-  if (count == kLanes) {
-    std::memcpy(dst, &v, sizeof(v));
-  } else {
-    for (int l = 0; l < count; ++l) dst[l] = v[l];
   }
 }
 
@@ -372,10 +343,9 @@ LO_CPU_CLONES void update_chunk(TensorWork& w, int64_t e0, int64_t e1, const flo
       mlp_forward(x, w.w0s.data(), w.b0t.data(), weights + kW1, weights + kB1, weights + kW2,
                   weights + kB2, direction, magnitude);
     }
-    for (int l = 0; l < count; ++l) {
-      const float step = step_from_outputs(direction[l], magnitude[l], exp_mult, step_mult);
-      p[e + l] = static_cast<scalar_t>(apply_step(in.p[l], step, lr, weight_decay));
-    }
+    const LaneVector step = step_from_outputs(direction, magnitude, exp_mult, step_mult);
+    const LaneVector updated = apply_step(in.p, step, lr, weight_decay);
+    for (int l = 0; l < count; ++l) p[e + l] = static_cast<scalar_t>(updated[l]);
   }
 }
 
