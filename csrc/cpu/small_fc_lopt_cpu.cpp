@@ -1,7 +1,7 @@
 // CPU kernel of lo_ops::small_fc_lopt_step_.
 //
-// Three passes over a whole bucket of parameters, each one at::parallel_for over a work list
-// that spans all tensors (so 300 small tensors cost a few parallel regions, not 900):
+// Three passes over a whole bucket of parameters, each one parallel over a work list that
+// spans all tensors, split between threads by cost (so 300 small tensors cost a few parallel regions, not 900):
 //   1. factored tensors: row/column means of g^2 update r and c, then the per-row mean of r
 //      gives the row factors (small arrays, kept in a scratch buffer);
 //   2. every element: momentum, rms and diagonal accumulators are updated in place and the
@@ -414,6 +414,20 @@ void fold_first_layer(TensorWork& w, const double* element_sums, const float* we
   }
 }
 
+// Runs fn(i) for every work item i, giving each thread a contiguous run of items of about
+// equal total cost (cost[i] >= 0), so that a list of large tensors followed by many small
+// ones still splits evenly. Each item runs exactly once, whichever thread takes it.
+template <typename Cost, typename F>
+void parallel_items(int64_t n, Cost cost, F fn) {
+  std::vector<int64_t> start(n + 1, 0);
+  for (int64_t i = 0; i < n; ++i) start[i + 1] = start[i] + cost(i) + 1;
+  at::parallel_for(0, start[n], 1, [&](int64_t b, int64_t e) {
+    // the items whose start lies in [b, e)
+    int64_t i = std::lower_bound(start.begin(), start.end() - 1, b) - start.begin();
+    for (; i < n && start[i] < e; ++i) fn(i);
+  });
+}
+
 template <typename scalar_t>
 void step_bucket(std::vector<TensorWork>& work, const float* decays, const float* weights,
                  float lr, double weight_decay, double step_mult, double exp_mult) {
@@ -428,10 +442,10 @@ void step_bucket(std::vector<TensorWork>& work, const float* decays, const float
     add_reduce_tasks(reduce, ti, kind_p, geo.A, geo.P, geo.B * geo.Q * geo.C);
     add_reduce_tasks(reduce, ti, 1 - kind_p, geo.A * geo.P * geo.B, geo.Q, geo.C);
   }
-  at::parallel_for(0, static_cast<int64_t>(reduce.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i)
-      run_reduce_task<scalar_t>(reduce[i], work[reduce[i].tensor], decays);
-  });
+  parallel_items(
+      static_cast<int64_t>(reduce.size()),
+      [&](int64_t i) { return (reduce[i].o1 - reduce[i].o0) * reduce[i].R * (reduce[i].i1 - reduce[i].i0); },
+      [&](int64_t i) { run_reduce_task<scalar_t>(reduce[i], work[reduce[i].tensor], decays); });
   reduce.clear();
   for (int ti = 0; ti < static_cast<int>(work.size()); ++ti) {
     const auto& w = work[ti];
@@ -443,10 +457,10 @@ void step_bucket(std::vector<TensorWork>& work, const float* decays, const float
     else
       add_reduce_tasks(reduce, ti, 2, geo.A, geo.P, geo.B * geo.C);
   }
-  at::parallel_for(0, static_cast<int64_t>(reduce.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i)
-      run_reduce_task<scalar_t>(reduce[i], work[reduce[i].tensor], decays);
-  });
+  parallel_items(
+      static_cast<int64_t>(reduce.size()),
+      [&](int64_t i) { return (reduce[i].o1 - reduce[i].o0) * reduce[i].R * (reduce[i].i1 - reduce[i].i0); },
+      [&](int64_t i) { run_reduce_task<scalar_t>(reduce[i], work[reduce[i].tensor], decays); });
 
   // Pass 2: per-element accumulators and feature statistics.
   struct Chunk {
@@ -462,40 +476,39 @@ void step_bucket(std::vector<TensorWork>& work, const float* decays, const float
     w.num_chunks = static_cast<int64_t>(chunks.size()) - w.first_chunk;
   }
   std::vector<double> sums(chunks.size() * kFeatures);
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const Chunk& c = chunks[i];
-      auto& w = work[c.tensor];
-      double* out = sums.data() + i * kFeatures;
-      if (w.info.factored)
-        accumulate_chunk<scalar_t, true>(w, c.e0, c.e1, decays, out);
-      else
-        accumulate_chunk<scalar_t, false>(w, c.e0, c.e1, decays, out);
-    }
+  const auto chunk_cost = [&](int64_t i) { return chunks[i].e1 - chunks[i].e0 + kLanes; };
+  parallel_items(static_cast<int64_t>(chunks.size()), chunk_cost, [&](int64_t i) {
+    const Chunk& c = chunks[i];
+    auto& w = work[c.tensor];
+    double* out = sums.data() + i * kFeatures;
+    if (w.info.factored)
+      accumulate_chunk<scalar_t, true>(w, c.e0, c.e1, decays, out);
+    else
+      accumulate_chunk<scalar_t, false>(w, c.e0, c.e1, decays, out);
   });
 
   // Pass 3: fold the per-tensor constants into the first layer, then MLP and update.
-  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t ti = b; ti < e; ++ti) {
-      auto& w = work[ti];
-      if (w.info.numel == 0) continue;
-      double total[kFeatures] = {};
-      for (int64_t ci = w.first_chunk; ci < w.first_chunk + w.num_chunks; ++ci)
-        for (int c = 0; c < kFeatures; ++c) total[c] += sums[ci * kFeatures + c];
-      fold_first_layer(w, total, weights);
-    }
+  const auto fold_cost = [&](int64_t ti) {
+    const auto& info = work[ti].info;
+    return info.factored ? kHidden * (info.geo.row_numel() + info.geo.col_numel()) : kHidden;
+  };
+  parallel_items(static_cast<int64_t>(work.size()), fold_cost, [&](int64_t ti) {
+    auto& w = work[ti];
+    if (w.info.numel == 0) return;
+    double total[kFeatures] = {};
+    for (int64_t ci = w.first_chunk; ci < w.first_chunk + w.num_chunks; ++ci)
+      for (int c = 0; c < kFeatures; ++c) total[c] += sums[ci * kFeatures + c];
+    fold_first_layer(w, total, weights);
   });
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const Chunk& c = chunks[i];
-      auto& w = work[c.tensor];
-      const float wd = static_cast<float>(weight_decay), sm = static_cast<float>(step_mult),
-                  em = static_cast<float>(exp_mult);
-      if (w.info.factored)
-        update_chunk<scalar_t, true>(w, c.e0, c.e1, decays, weights, lr, wd, sm, em);
-      else
-        update_chunk<scalar_t, false>(w, c.e0, c.e1, decays, weights, lr, wd, sm, em);
-    }
+  const float wd = static_cast<float>(weight_decay), sm = static_cast<float>(step_mult),
+              em = static_cast<float>(exp_mult);
+  parallel_items(static_cast<int64_t>(chunks.size()), chunk_cost, [&](int64_t i) {
+    const Chunk& c = chunks[i];
+    auto& w = work[c.tensor];
+    if (w.info.factored)
+      update_chunk<scalar_t, true>(w, c.e0, c.e1, decays, weights, lr, wd, sm, em);
+    else
+      update_chunk<scalar_t, false>(w, c.e0, c.e1, decays, weights, lr, wd, sm, em);
   });
 }
 
