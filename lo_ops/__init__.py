@@ -13,7 +13,12 @@ __all__ = ["SmallFCLOpt", "SmallFCLOptNetwork", "load_small_fc_lopt_network", "h
 __version__ = "0.1.0"
 
 
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta", "xpu": "XPU", "mps": "MPS"}
+
+
 def has_kernel(op: str, device_type: str) -> bool:
     """Whether ``lo_ops::<op>`` has a kernel for ``device_type`` ("cpu", "cuda", ...)."""
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type, device_type.upper())
+    key = _DISPATCH_KEYS.get(device_type)
+    if key is None:
+        return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"lo_ops::{op}", key)

@@ -118,3 +118,30 @@ def test_dense_network_with_wide_exp_arguments():
         step_b = (p0.double() - b.double()) * 2.0**20
         assert step_b.abs().max() / step_b.abs().min() > 1e3  # a wide range of step sizes
         assert (step_a - step_b).norm() / step_b.norm() < 1e-5
+
+
+def test_device_without_kernel_falls_back_to_reference(monkeypatch, caplog):
+    import lo_ops.small_fc_lopt as mod
+
+    monkeypatch.setattr(mod, "_has_kernel", lambda device_type: False)
+    with pytest.raises(RuntimeError, match="built without a cpu kernel"):
+        make_opt(make_params([(3,)], non_contiguous=False), fused=True)
+    params = make_params([(7, 5), (5,)], non_contiguous=False)
+    ref_params = clone_params(params)
+    with caplog.at_level("WARNING", logger="lo_ops.small_fc_lopt"):
+        auto = make_opt(params)  # fused=None
+    assert "no fused cpu kernel" in caplog.text
+    ref = make_opt(ref_params, fused=False)
+    for k in range(3):
+        set_grads([params, ref_params], k)
+        auto.step()
+        ref.step()
+    for a, b in zip(params, ref_params):
+        assert torch.equal(a, b)
+
+
+def test_has_kernel():
+    import lo_ops
+
+    assert lo_ops.has_kernel("small_fc_lopt_step_", "cpu")
+    assert not lo_ops.has_kernel("small_fc_lopt_step_", "no_such_device")
