@@ -222,11 +222,11 @@ LO_HD void load_planes(const TileIndex& t, bool by_row, const float* base, int64
 // are read as updated (pass 3). For a factored tensor only the row/column factors are read:
 // its row and column channels enter through per-row/per-column sums (see fold_first_layer).
 template <typename scalar_t, bool update_state, bool factored>
-LO_HD void tile_inputs(TensorWork& w, int64_t e0, int count, const float* decays,
-                       const TileIndex& ti, ElementInputs<LaneVector>& in) {
+LO_HD void tile_inputs(TensorWork& w, const scalar_t* g, const scalar_t* p, int64_t e0, int count,
+                       const float* decays, const TileIndex& ti, ElementInputs<LaneVector>& in) {
   const int64_t n = w.info.numel;
-  in.g = load_lanes(w.g.data_ptr<scalar_t>() + e0, count);
-  in.p = load_lanes(w.p.data_ptr<scalar_t>() + e0, count);
+  in.g = load_lanes(g + e0, count);
+  in.p = load_lanes(p + e0, count);
   for (int k = 0; k < kMomentumChannels; ++k) {
     float* m = w.m + k * n + e0;
     in.m[k] = load_lanes(m, count);
@@ -290,11 +290,13 @@ LO_CPU_CLONES void accumulate_chunk(TensorWork& w, int64_t e0, int64_t e1, const
   LaneVector x[kF];
   TileIndex ti;
   ElementInputs<LaneVector> in;
+  const scalar_t* g = w.g.data_ptr<scalar_t>();
+  const scalar_t* p = w.p.data_ptr<scalar_t>();
   int tiles = 0;
   for (int64_t e = e0; e < e1; e += kLanes) {
     const int count = static_cast<int>(std::min<int64_t>(kLanes, e1 - e));
     if (factored) tile_index(w.info.geo, e, count, ti);
-    tile_inputs<scalar_t, true, factored>(w, e, count, decays, ti, in);
+    tile_inputs<scalar_t, true, factored>(w, g, p, e, count, decays, ti, in);
     tile_features<factored>(in, x);
     if (count < kLanes) {  // padding lanes do not count
       for (int c = 0; c < kF; ++c)
@@ -322,6 +324,7 @@ LO_CPU_CLONES void update_chunk(TensorWork& w, int64_t e0, int64_t e1, const flo
                                 const float* weights, float lr, float weight_decay,
                                 float step_mult, float exp_mult) {
   constexpr int kF = kTileFeatures<factored>;
+  const scalar_t* g = w.g.data_ptr<scalar_t>();
   scalar_t* p = w.p.data_ptr<scalar_t>();
   LaneVector x[kF];
   LaneVector direction, magnitude;
@@ -330,7 +333,7 @@ LO_CPU_CLONES void update_chunk(TensorWork& w, int64_t e0, int64_t e1, const flo
   for (int64_t e = e0; e < e1; e += kLanes) {
     const int count = static_cast<int>(std::min<int64_t>(kLanes, e1 - e));
     if (factored) tile_index(w.info.geo, e, count, ti);
-    tile_inputs<scalar_t, false, factored>(w, e, count, decays, ti, in);
+    tile_inputs<scalar_t, false, factored>(w, g, p, e, count, decays, ti, in);
     tile_features<factored>(in, x);
     if constexpr (factored) {
       LaneVector row_c[kHidden], col_c[kHidden], b0[kHidden];
