@@ -352,11 +352,35 @@ LO_CPU_CLONES void update_chunk(TensorWork& w, int64_t e0, int64_t e1, const flo
   }
 }
 
-// Sum of squares of `planes` planes of `size` values (double, in order).
+// Sum of squares of `size` values (double, in order).
 double sum_squares(const float* base, int64_t size) {
   double s = 0.0;
   for (int64_t i = 0; i < size; ++i) s += static_cast<double>(base[i]) * base[i];
   return s;
+}
+
+// The sums of squares of one side's channels (values: channels 0..2 of `sums`, rsqrt: 6..8)
+// over the whole tensor, where each accumulator value stands for `broadcast` elements.
+void accumulator_sums(const float* values, const float* rsqrts, int64_t size, double broadcast,
+                      double* sums) {
+  for (int k = 0; k < kFactoredChannels; ++k) {
+    sums[k] = broadcast * sum_squares(values + k * size, size);
+    sums[kRsqrtChannelOffset + k] = broadcast * sum_squares(rsqrts + k * size, size);
+  }
+}
+
+// out[i] = the first-layer input of one hidden unit from one side's channels at index i;
+// `ws` holds that unit's scaled weights of the side's channels (values 0..2, rsqrt 6..8).
+void accumulator_contribution(const float* ws, const float* values, const float* rsqrts,
+                              int64_t size, float* out) {
+  for (int64_t i = 0; i < size; ++i) {
+    float acc = 0.f;
+    for (int k = 0; k < kFactoredChannels; ++k) {
+      acc += ws[k] * values[k * size + i];
+      acc += ws[kRsqrtChannelOffset + k] * rsqrts[k * size + i];
+    }
+    out[i] = acc;
+  }
 }
 
 // Folds the normalisation scales and the time features into the first layer of `w`; for a
@@ -372,14 +396,8 @@ void fold_first_layer(TensorWork& w, const double* element_sums, const float* we
     const auto& geo = w.info.geo;
     const double d0_len = static_cast<double>(geo.d0_is_p ? geo.P : geo.Q);
     const double d1_len = static_cast<double>(geo.d0_is_p ? geo.Q : geo.P);
-    for (int k = 0; k < kFactoredChannels; ++k) {
-      sums[kFirstRowChannel + k] = d0_len * sum_squares(w.row + k * rsize, rsize);
-      sums[kFirstRowChannel + kRsqrtChannelOffset + k] =
-          d0_len * sum_squares(w.row_rsqrt + k * rsize, rsize);
-      sums[kFirstColChannel + k] = d1_len * sum_squares(w.col + k * csize, csize);
-      sums[kFirstColChannel + kRsqrtChannelOffset + k] =
-          d1_len * sum_squares(w.col_rsqrt + k * csize, csize);
-    }
+    accumulator_sums(w.row, w.row_rsqrt, rsize, d0_len, sums + kFirstRowChannel);
+    accumulator_sums(w.col, w.col_rsqrt, csize, d1_len, sums + kFirstColChannel);
   }
   float scale[kFeatures];
   for (int c = 0; c < kFeatures; ++c) scale[c] = normalisation_scale(sums[c], w.info.numel);
@@ -398,22 +416,10 @@ void fold_first_layer(TensorWork& w, const double* element_sums, const float* we
     }
     for (int i = 0; i < kElementFeatures; ++i)
       w.w0s[j * kElementFeatures + i] = ws[element_channel(i)];
-    for (int64_t ri = 0; ri < rsize; ++ri) {
-      float acc = 0.f;
-      for (int k = 0; k < kFactoredChannels; ++k) {
-        acc += ws[kFirstRowChannel + k] * w.row[k * rsize + ri];
-        acc += ws[kFirstRowChannel + kRsqrtChannelOffset + k] * w.row_rsqrt[k * rsize + ri];
-      }
-      w.row_contrib[j * rsize + ri] = acc;
-    }
-    for (int64_t ci = 0; ci < csize; ++ci) {
-      float acc = 0.f;
-      for (int k = 0; k < kFactoredChannels; ++k) {
-        acc += ws[kFirstColChannel + k] * w.col[k * csize + ci];
-        acc += ws[kFirstColChannel + kRsqrtChannelOffset + k] * w.col_rsqrt[k * csize + ci];
-      }
-      w.col_contrib[j * csize + ci] = acc;
-    }
+    accumulator_contribution(ws + kFirstRowChannel, w.row, w.row_rsqrt, rsize,
+                             w.row_contrib + j * rsize);
+    accumulator_contribution(ws + kFirstColChannel, w.col, w.col_rsqrt, csize,
+                             w.col_contrib + j * csize);
   }
 }
 
