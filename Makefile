@@ -11,7 +11,7 @@ SOURCES := $(shell find csrc lo_ops meta_kernels -name '*.cpp' -o -name '*.h' -o
 setup: $(STAMP)
 
 $(VENV)/bin/python:
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv --system-site-packages $(VENV)
 
 # torch==2.13.0 is installed only when no torch is importable (a GPU machine keeps its own).
 $(STAMP): $(VENV)/bin/python $(SOURCES)
