@@ -139,13 +139,13 @@ class SmallFCLOpt(Optimizer):
     # -- state --------------------------------------------------------------------------------
     def _init_group(self, group, params, grads, momentum, rms, fac_row, fac_col, fac_diag,
                     state_steps):
-        for p in group["params"]:
+        for i, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError(
-                    "SmallFCLOpt does not support sparse gradients "
-                    f"(parameter of shape {tuple(p.shape)})"
+                    "SmallFCLOpt does not support sparse gradients (parameter "
+                    f"{i} of its param group, shape {tuple(p.shape)}); use a dense gradient"
                 )
             state = self.state[p]
             if len(state) == 0:

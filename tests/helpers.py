@@ -2,8 +2,10 @@ import torch
 
 import lo_ops
 
-# 0-d, [1], odd, square, 3-d, 4-d conv, an empty tensor and a non-contiguous one.
-SHAPES = [(), (1,), (5,), (7, 5), (6, 6), (3, 4, 6), (8, 3, 3, 3), (0, 5), (0,)]
+# 0-d, [1], odd, square, 3-d, 4-d conv, an empty tensor and a non-contiguous one (added by
+# make_params); size-1 axes; a 5-d tensor; d0/d1 ahead of a long innermost axis.
+SHAPES = [(), (1,), (5,), (7, 5), (6, 6), (3, 4, 6), (8, 3, 3, 3), (0, 5), (0,),
+          (1, 1, 6), (1, 5, 4), (4, 1), (2, 3, 1, 4, 5), (40, 50, 32)]
 
 
 def make_params(shapes, dtype=torch.float32, seed=0, non_contiguous=True):

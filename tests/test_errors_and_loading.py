@@ -17,7 +17,7 @@ from test_opcheck import _op_args
 def test_sparse_gradient():
     w = torch.nn.Parameter(torch.randn(5, 3))
     w.grad = torch.randn(5, 3).to_sparse()
-    with pytest.raises(RuntimeError, match="sparse gradients"):
+    with pytest.raises(RuntimeError, match=r"sparse gradients \(parameter 0 of its param group, shape \(5, 3\)\)"):
         make_opt([w]).step()
 
 
