@@ -193,3 +193,31 @@ def test_default_is_normalised_momentum_step():
     x6 = m / torch.sqrt(v + 1e-6)
     expected = before - 0.001 * x6 / torch.sqrt(1e-5 + x6.square().mean())
     torch.testing.assert_close(w.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_push_to_hub_uploads_the_lo_ops_layout(tmp_path, monkeypatch):
+    # No network: the Hub API is replaced by a stand-in that keeps what would be uploaded.
+    import shutil
+    from types import SimpleNamespace
+
+    import huggingface_hub
+
+    uploaded = tmp_path / "uploaded"
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kw):
+            return SimpleNamespace(repo_id=repo_id)
+
+        def upload_folder(self, repo_id, folder_path, **kw):
+            shutil.copytree(folder_path, uploaded)
+            return f"uploaded {repo_id}"
+
+    monkeypatch.setattr(huggingface_hub.hub_mixin, "HfApi", FakeApi)
+    net = SmallFCLOptNetwork(step_mult=0.003, decay_offsets={"momentum": [0.1] * 3, "rms": [0.2], "adafactor": [0.3] * 3})
+    assert net.push_to_hub("someone/lopt") == "uploaded someone/lopt"
+    back, layout = load_small_fc_lopt_network(uploaded)
+    assert layout == "lo_ops" and back.step_mult == 0.003 and back.decay_offsets["rms"] == [0.2]
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), back.state_dict().values()))
