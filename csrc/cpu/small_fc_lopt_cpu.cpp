@@ -216,6 +216,35 @@ LO_HD void load_planes(const TileIndex& t, bool by_row, const float* base, int64
   }
 }
 
+// The first-layer bias of a factored tensor's tile: b0t + row contribution + column
+// contribution (in that order on every path). Within a run, one side is consecutive and the
+// other constant (or both consecutive), which a full tile reads with vector loads.
+LO_HD void first_layer_bias(const TensorWork& w, const TileIndex& ti, int count,
+                            LaneVector (&b0)[kHidden]) {
+  const int64_t rsize = w.info.geo.row_numel(), csize = w.info.geo.col_numel();
+  if (ti.run && count == kLanes) {
+    const float* rc = w.row_contrib + ti.row[0];
+    const float* cc = w.col_contrib + ti.col[0];
+    LaneVector r, c;
+    for (int j = 0; j < kHidden; ++j) {
+      if (ti.row_consecutive)
+        std::memcpy(&r, rc + j * rsize, sizeof(r));
+      else
+        r = splat<LaneVector>(rc[j * rsize]);
+      if (ti.col_consecutive)
+        std::memcpy(&c, cc + j * csize, sizeof(c));
+      else
+        c = splat<LaneVector>(cc[j * csize]);
+      b0[j] = (splat<LaneVector>(w.b0t[j]) + r) + c;
+    }
+    return;
+  }
+  LaneVector row_c[kHidden], col_c[kHidden];
+  load_planes(ti, true, w.row_contrib, rsize, kHidden, count, row_c);
+  load_planes(ti, false, w.col_contrib, csize, kHidden, count, col_c);
+  for (int j = 0; j < kHidden; ++j) b0[j] = (splat<LaneVector>(w.b0t[j]) + row_c[j]) + col_c[j];
+}
+
 // The inputs of the `count` consecutive elements starting at `e0`, one vector lane per
 // element (lanes past `count` carry harmless finite values). With `update_state`, the
 // momentum, rms and diagonal accumulators are updated in place first (pass 2); otherwise they
@@ -336,10 +365,8 @@ LO_CPU_CLONES void update_chunk(TensorWork& w, int64_t e0, int64_t e1, const flo
     tile_inputs<scalar_t, false, factored>(w, g, p, e, count, decays, ti, in);
     tile_features<factored>(in, x);
     if constexpr (factored) {
-      LaneVector row_c[kHidden], col_c[kHidden], b0[kHidden];
-      load_planes(ti, true, w.row_contrib, w.info.geo.row_numel(), kHidden, count, row_c);
-      load_planes(ti, false, w.col_contrib, w.info.geo.col_numel(), kHidden, count, col_c);
-      for (int j = 0; j < kHidden; ++j) b0[j] = (splat<LaneVector>(w.b0t[j]) + row_c[j]) + col_c[j];
+      LaneVector b0[kHidden];
+      first_layer_bias(w, ti, count, b0);
       mlp_forward(x, w.w0s.data(), b0, weights + kW1, weights + kB1, weights + kW2,
                   weights + kB2, direction, magnitude);
     } else {
