@@ -43,6 +43,21 @@ LO_HD LaneVector exp_lanes<LaneVector>(LaneVector x) {
 }
 }  // namespace small_fc_lopt
 
+// Two tiles side by side: the MLP runs on pairs so that every weight it broadcasts feeds two
+// vector FMAs (one broadcast load per two FMAs instead of one per FMA).
+struct LanePair {
+  LaneVector lo, hi;
+};
+LO_HD LanePair operator+(LanePair x, float s) { return {x.lo + s, x.hi + s}; }
+LO_HD LanePair operator+(LanePair x, LanePair y) { return {x.lo + y.lo, x.hi + y.hi}; }
+LO_HD LanePair operator*(float s, LanePair x) { return {s * x.lo, s * x.hi}; }
+LO_HD LanePair& operator+=(LanePair& x, LanePair y) {
+  x.lo += y.lo;
+  x.hi += y.hi;
+  return x;
+}
+LO_HD LanePair relu(LanePair x) { return {small_fc_lopt::relu(x.lo), small_fc_lopt::relu(x.hi)}; }
+
 // The first `count` lanes from src (the rest zero).
 LO_HD LaneVector load_lanes(const float* src, int count) {
   LaneVector out{};
