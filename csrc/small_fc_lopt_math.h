@@ -215,11 +215,16 @@ LO_HD float normalisation_scale(double sum_sq, int64_t n) {
   return rsqrt_exact(1e-5f + static_cast<float>(sum_sq / static_cast<double>(n)));
 }
 
-// out = relu(W in + b) with W [Out, In] row-major, a few output units at a time so that
-// their accumulators stay in registers. `b` holds floats or per-lane vectors.
+// Output units of a dense layer computed together (their accumulators stay in registers);
+// a backend may choose another value for its vector type.
+template <typename V>
+constexpr int kDenseBlock = 8;
+
+// out = relu(W in + b) with W [Out, In] row-major, kDenseBlock<V> output units at a time.
+// `b` holds floats or per-lane vectors.
 template <int In, int Out, typename V, typename B>
 LO_HD void dense_relu(const V (&in)[In], const float* w, const B* b, V (&out)[Out]) {
-  constexpr int JB = 8;
+  constexpr int JB = kDenseBlock<V>;
   static_assert(Out % JB == 0, "output units must be a multiple of the block");
   for (int j0 = 0; j0 < Out; j0 += JB) {
     V acc[JB];

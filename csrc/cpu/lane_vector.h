@@ -43,20 +43,42 @@ LO_HD LaneVector exp_lanes<LaneVector>(LaneVector x) {
 }
 }  // namespace small_fc_lopt
 
-// Two tiles side by side: the MLP runs on pairs so that every weight it broadcasts feeds two
-// vector FMAs (one broadcast load per two FMAs instead of one per FMA).
-struct LanePair {
-  LaneVector lo, hi;
+// kTiles tiles side by side: the MLP runs on groups so that every weight it broadcasts feeds
+// kTiles vector FMAs (one broadcast load per kTiles FMAs instead of one per FMA).
+constexpr int kTiles = 2;
+struct LaneGroup {
+  LaneVector t[kTiles];
 };
-LO_HD LanePair operator+(LanePair x, float s) { return {x.lo + s, x.hi + s}; }
-LO_HD LanePair operator+(LanePair x, LanePair y) { return {x.lo + y.lo, x.hi + y.hi}; }
-LO_HD LanePair operator*(float s, LanePair x) { return {s * x.lo, s * x.hi}; }
-LO_HD LanePair& operator+=(LanePair& x, LanePair y) {
-  x.lo += y.lo;
-  x.hi += y.hi;
+LO_HD LaneGroup operator+(const LaneGroup& x, float s) {
+  LaneGroup out;
+  for (int i = 0; i < kTiles; ++i) out.t[i] = x.t[i] + s;
+  return out;
+}
+LO_HD LaneGroup operator+(const LaneGroup& x, const LaneGroup& y) {
+  LaneGroup out;
+  for (int i = 0; i < kTiles; ++i) out.t[i] = x.t[i] + y.t[i];
+  return out;
+}
+LO_HD LaneGroup operator*(float s, const LaneGroup& x) {
+  LaneGroup out;
+  for (int i = 0; i < kTiles; ++i) out.t[i] = s * x.t[i];
+  return out;
+}
+LO_HD LaneGroup& operator+=(LaneGroup& x, const LaneGroup& y) {
+  for (int i = 0; i < kTiles; ++i) x.t[i] += y.t[i];
   return x;
 }
-LO_HD LanePair relu(LanePair x) { return {small_fc_lopt::relu(x.lo), small_fc_lopt::relu(x.hi)}; }
+LO_HD LaneGroup relu(const LaneGroup& x) {
+  LaneGroup out;
+  for (int i = 0; i < kTiles; ++i) out.t[i] = small_fc_lopt::relu(x.t[i]);
+  return out;
+}
+
+namespace small_fc_lopt {
+// 8 output units x 2 tiles: 16 vector accumulators, 2 tile loads and 8 broadcasts per 16 FMAs.
+template <>
+constexpr int kDenseBlock<LaneGroup> = 8;
+}  // namespace small_fc_lopt
 
 // The first `count` lanes from src (the rest zero).
 LO_HD LaneVector load_lanes(const float* src, int count) {

@@ -355,44 +355,45 @@ LO_CPU_CLONES void update_chunk(TensorWork& w, int64_t e0, int64_t e1, const flo
   constexpr int kF = kTileFeatures<factored>;
   const scalar_t* g = w.g.data_ptr<scalar_t>();
   scalar_t* p = w.p.data_ptr<scalar_t>();
-  LaneVector x[2][kF];
-  LaneVector b0[2][kHidden];
-  LaneVector p_old[2];
-  LanePair xp[kF], b0p[kHidden], direction, magnitude;
+  LaneGroup x[kF], b0[kHidden], direction, magnitude;
+  LaneVector p_old[kTiles];
   TileIndex ti;
   ElementInputs<LaneVector> in;
-  // Two tiles at a time; a missing second tile is zero padding (its results are dropped).
-  for (int64_t e = e0; e < e1; e += 2 * kLanes) {
-    int count[2];
-    for (int h = 0; h < 2; ++h) {
+  // kTiles tiles at a time; missing tiles at the end are zero padding (results dropped).
+  for (int64_t e = e0; e < e1; e += kTiles * kLanes) {
+    int count[kTiles];
+    for (int h = 0; h < kTiles; ++h) {
       const int64_t eh = e + h * kLanes;
       count[h] = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(kLanes, e1 - eh)));
       if (count[h] == 0) {
-        for (int c = 0; c < kF; ++c) x[h][c] = LaneVector{};
-        for (int j = 0; j < kHidden; ++j) b0[h][j] = LaneVector{};
+        for (int c = 0; c < kF; ++c) x[c].t[h] = LaneVector{};
+        for (int j = 0; j < kHidden; ++j) b0[j].t[h] = LaneVector{};
         p_old[h] = LaneVector{};
         continue;
       }
       if (factored) tile_index(w.info.geo, eh, count[h], ti);
       tile_inputs<scalar_t, false, factored>(w, g, p, eh, count[h], decays, ti, in);
-      tile_features<factored>(in, x[h]);
+      LaneVector xh[kF];
+      tile_features<factored>(in, xh);
+      for (int c = 0; c < kF; ++c) x[c].t[h] = xh[c];
       p_old[h] = in.p;
-      if constexpr (factored) first_layer_bias(w, ti, count[h], b0[h]);
+      if constexpr (factored) {
+        LaneVector bh[kHidden];
+        first_layer_bias(w, ti, count[h], bh);
+        for (int j = 0; j < kHidden; ++j) b0[j].t[h] = bh[j];
+      }
     }
-    for (int c = 0; c < kF; ++c) xp[c] = {x[0][c], x[1][c]};
     if constexpr (factored) {
-      for (int j = 0; j < kHidden; ++j) b0p[j] = {b0[0][j], b0[1][j]};
-      mlp_forward(xp, w.w0s.data(), b0p, weights + kW1, weights + kB1, weights + kW2,
+      mlp_forward(x, w.w0s.data(), b0, weights + kW1, weights + kB1, weights + kW2,
                   weights + kB2, direction, magnitude);
     } else {
-      mlp_forward(xp, w.w0s.data(), w.b0t.data(), weights + kW1, weights + kB1, weights + kW2,
+      mlp_forward(x, w.w0s.data(), w.b0t.data(), weights + kW1, weights + kB1, weights + kW2,
                   weights + kB2, direction, magnitude);
     }
-    const LaneVector dir[2] = {direction.lo, direction.hi};
-    const LaneVector mag[2] = {magnitude.lo, magnitude.hi};
-    for (int h = 0; h < 2; ++h) {
+    for (int h = 0; h < kTiles; ++h) {
       if (count[h] == 0) continue;
-      const LaneVector step = step_from_outputs(dir[h], mag[h], exp_mult, step_mult);
+      const LaneVector step =
+          step_from_outputs(direction.t[h], magnitude.t[h], exp_mult, step_mult);
       const LaneVector updated = apply_step(p_old[h], step, lr, weight_decay);
       scalar_t* out = p + e + h * kLanes;
       for (int l = 0; l < count[h]; ++l) out[l] = static_cast<scalar_t>(updated[l]);
