@@ -85,6 +85,27 @@ struct FactoredCursor {
   int64_t drop_q() const { return ((a * geo->P + p) * geo->B + b) * geo->C + c; }
   int64_t row_index() const { return geo->d0_is_p ? drop_p() : drop_q(); }
   int64_t col_index() const { return geo->d0_is_p ? drop_q() : drop_p(); }
+  // Moves n elements on, by carries rather than divisions (n is small next to the axes).
+  void advance(int64_t n) {
+    c += n;
+    if (c < geo->C) return;
+    while (c >= geo->C) {
+      c -= geo->C;
+      ++q;
+    }
+    while (q >= geo->Q) {
+      q -= geo->Q;
+      ++b;
+    }
+    while (b >= geo->B) {
+      b -= geo->B;
+      ++p;
+    }
+    while (p >= geo->P) {
+      p -= geo->P;
+      ++a;
+    }
+  }
   void next() {
     if (++c < geo->C) return;
     c = 0;

@@ -181,8 +181,9 @@ struct TileIndex {
   int64_t row[kLanes], col[kLanes];  // row[0]/col[0] only when `run`
 };
 
-LO_HD void tile_index(const FactoredGeometry& geo, int64_t e0, int count, TileIndex& t) {
-  FactoredCursor cur(geo, e0);
+LO_HD void tile_index(const FactoredCursor& at, int count, TileIndex& t) {
+  const FactoredGeometry& geo = *at.geo;
+  FactoredCursor cur = at;
   const bool c_run = geo.C > 1 && cur.c + count <= geo.C;   // r and c indices consecutive
   const bool q_run = geo.C == 1 && cur.q + count <= geo.Q;  // drop-P index consecutive
   t.run = c_run || q_run;
@@ -322,9 +323,13 @@ LO_CPU_CLONES void accumulate_chunk(TensorWork& w, int64_t e0, int64_t e1, const
   const scalar_t* g = w.g.data_ptr<scalar_t>();
   const scalar_t* p = w.p.data_ptr<scalar_t>();
   int tiles = 0;
+  FactoredCursor cursor(w.info.geo, factored ? e0 : 0);
   for (int64_t e = e0; e < e1; e += kLanes) {
     const int count = static_cast<int>(std::min<int64_t>(kLanes, e1 - e));
-    if (factored) tile_index(w.info.geo, e, count, ti);
+    if (factored) {
+      tile_index(cursor, count, ti);
+      cursor.advance(kLanes);
+    }
     tile_inputs<scalar_t, true, factored>(w, g, p, e, count, decays, ti, in);
     tile_features<factored>(in, x);
     if (count < kLanes) {  // padding lanes do not count
@@ -359,6 +364,7 @@ LO_CPU_CLONES void update_chunk(TensorWork& w, int64_t e0, int64_t e1, const flo
   LaneVector p_old[kTiles];
   TileIndex ti;
   ElementInputs<LaneVector> in;
+  FactoredCursor cursor(w.info.geo, factored ? e0 : 0);
   // kTiles tiles at a time; missing tiles at the end are zero padding (results dropped).
   for (int64_t e = e0; e < e1; e += kTiles * kLanes) {
     int count[kTiles];
@@ -371,7 +377,10 @@ LO_CPU_CLONES void update_chunk(TensorWork& w, int64_t e0, int64_t e1, const flo
         p_old[h] = LaneVector{};
         continue;
       }
-      if (factored) tile_index(w.info.geo, eh, count[h], ti);
+      if (factored) {
+        tile_index(cursor, count[h], ti);
+        cursor.advance(kLanes);
+      }
       tile_inputs<scalar_t, false, factored>(w, g, p, eh, count[h], decays, ti, in);
       LaneVector xh[kF];
       tile_features<factored>(in, xh);
