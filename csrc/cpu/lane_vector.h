@@ -45,7 +45,7 @@ LO_HD LaneVector exp_lanes<LaneVector>(LaneVector x) {
 
 // kTiles tiles side by side: the MLP runs on groups so that every weight it broadcasts feeds
 // kTiles vector FMAs (one broadcast load per kTiles FMAs instead of one per FMA).
-constexpr int kTiles = 2;
+constexpr int kTiles = 3;
 struct LaneGroup {
   LaneVector t[kTiles];
 };
@@ -75,7 +75,7 @@ LO_HD LaneGroup relu(const LaneGroup& x) {
 }
 
 namespace small_fc_lopt {
-// 8 output units x 2 tiles: 16 vector accumulators, 2 tile loads and 8 broadcasts per 16 FMAs.
+// 8 output units x 3 tiles: 24 vector accumulators, 3 tile loads and 8 broadcasts per 24 FMAs.
 template <>
 constexpr int kDenseBlock<LaneGroup> = 8;
 }  // namespace small_fc_lopt
