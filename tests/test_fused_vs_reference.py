@@ -145,3 +145,18 @@ def test_has_kernel():
 
     assert lo_ops.has_kernel("small_fc_lopt_step_", "cpu")
     assert not lo_ops.has_kernel("small_fc_lopt_step_", "no_such_device")
+
+
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_every_cpu_instruction_set(isa, dtype, monkeypatch):
+    # The CPU kernel has one build of its loops per instruction set; LO_OPS_CPU_ISA caps the
+    # choice (a machine without the set runs its best one instead).
+    monkeypatch.setenv("LO_OPS_CPU_ISA", isa)
+    _compare(*_run_both(SHAPES + [(300, 70)], dtype, steps=5), dtype)
+
+
+def test_bad_cpu_instruction_set_name(monkeypatch):
+    monkeypatch.setenv("LO_OPS_CPU_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="LO_OPS_CPU_ISA must be base, avx2 or avx512"):
+        _run_both([(3, 2)], torch.float32, steps=1)

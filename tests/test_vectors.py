@@ -16,9 +16,18 @@ def _jax_state_to_ours(name, leaf_shape, value):
     return value.movedim(-1, 0)  # [..., 3] -> [3, ...]
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
-def test_small_fc_lopt_matches_original(fused, small_fc_lopt_vectors, small_fc_lopt_fixture_dir,
-                                        small_fc_lopt_fixture_offsets):
+# The fused CPU kernel once per instruction set (LO_OPS_CPU_ISA caps the one it uses; a
+# machine without a set runs its best one), and the pure-PyTorch reference.
+PATHS = {"fused-avx512": (True, "avx512"), "fused-avx2": (True, "avx2"), "fused-base": (True, "base"),
+         "reference": (False, None)}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_small_fc_lopt_matches_original(path, small_fc_lopt_vectors, small_fc_lopt_fixture_dir,
+                                        small_fc_lopt_fixture_offsets, monkeypatch):
+    fused, isa = PATHS[path]
+    if isa is not None:
+        monkeypatch.setenv("LO_OPS_CPU_ISA", isa)
     meta, vec = small_fc_lopt_vectors
     leaves = meta["leaf_order"]
     params = [torch.nn.Parameter(vec[f"params.step0.{k}"].clone()) for k in leaves]

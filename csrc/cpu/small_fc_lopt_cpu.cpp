@@ -11,7 +11,9 @@
 //   3. per tensor, the normalisation scales and the time features are folded into the first
 //      layer, and for a factored tensor the row/column channels become per-row and per-column
 //      first-layer contributions; then for every element the features are rebuilt, pushed
-//      through the MLP a tile of kLanes elements at a time, and p is updated.
+//      through the MLP a few vector-wide tiles of elements at a time, and p is updated.
+// The element loops are compiled for AVX-512, AVX2 and baseline x86-64 with vectors as wide
+// as each set's registers (csrc/cpu/lane_vector.h); the processor picks one at run time.
 // No [n, 39] feature tensor is ever formed. Chunks have a fixed size, and per-chunk partial
 // sums are combined in chunk order, so results do not depend on the number of threads.
 #include <ATen/ATen.h>
@@ -21,20 +23,15 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "../small_fc_lopt.h"
 #include "../small_fc_lopt_math.h"
 #include "lane_vector.h"
 
-// Hot loops get an AVX-512 and an AVX2 clone next to the baseline one; the loader picks one
-// for the machine it runs on (no -march=native in the build).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LO_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define LO_CPU_CLONES
-#endif
 
 namespace lo_ops {
 namespace {
@@ -128,7 +125,7 @@ void reduce_middle(const ReduceTask& t, int64_t o, F value, double* acc) {
 }
 
 template <typename scalar_t>
-LO_CPU_CLONES void run_reduce_task(const ReduceTask& t, TensorWork& w, const float* decays) {
+void run_reduce_task(const ReduceTask& t, TensorWork& w, const float* decays) {
   double acc[256];
   if (t.kind == 0 || t.kind == 1) {
     const scalar_t* g = w.g.data_ptr<scalar_t>();
@@ -178,7 +175,7 @@ LO_CPU_CLONES void run_reduce_task(const ReduceTask& t, TensorWork& w, const flo
 struct TileIndex {
   bool run = false;
   bool row_consecutive = false, col_consecutive = false;
-  int64_t row[kLanes], col[kLanes];  // row[0]/col[0] only when `run`
+  int64_t row[kMaxLanes], col[kMaxLanes];  // row[0]/col[0] only when `run`
 };
 
 LO_HD void tile_index(const FactoredCursor& at, int count, TileIndex& t) {
@@ -201,16 +198,17 @@ LO_HD void tile_index(const FactoredCursor& at, int count, TileIndex& t) {
 }
 
 // `planes` planes of `size` values each, indexed like r (`by_row`) or like c, for the tile.
+template <typename V>
 LO_HD void load_planes(const TileIndex& t, bool by_row, const float* base, int64_t size,
-                       int planes, int count, LaneVector* out) {
+                       int planes, int count, V* out) {
   const int64_t* index = by_row ? t.row : t.col;
   const bool consecutive = by_row ? t.row_consecutive : t.col_consecutive;
   for (int k = 0; k < planes; ++k) {
     const float* src = base + k * size;
     if (t.run) {
-      out[k] = consecutive ? load_lanes(src + index[0], count) : splat<LaneVector>(src[index[0]]);
+      out[k] = consecutive ? load_lanes<V>(src + index[0], count) : splat<V>(src[index[0]]);
     } else {
-      LaneVector v{};
+      V v{};
       for (int l = 0; l < count; ++l) v[l] = src[index[l]];
       out[k] = v;
     }
@@ -220,30 +218,31 @@ LO_HD void load_planes(const TileIndex& t, bool by_row, const float* base, int64
 // The first-layer bias of a factored tensor's tile: b0t + row contribution + column
 // contribution (in that order on every path). Within a run, one side is consecutive and the
 // other constant (or both consecutive), which a full tile reads with vector loads.
+template <typename V>
 LO_HD void first_layer_bias(const TensorWork& w, const TileIndex& ti, int count,
-                            LaneVector (&b0)[kHidden]) {
+                            V (&b0)[kHidden]) {
   const int64_t rsize = w.info.geo.row_numel(), csize = w.info.geo.col_numel();
-  if (ti.run && count == kLanes) {
+  if (ti.run && count == kLanesOf<V>) {
     const float* rc = w.row_contrib + ti.row[0];
     const float* cc = w.col_contrib + ti.col[0];
-    LaneVector r, c;
+    V r, c;
     for (int j = 0; j < kHidden; ++j) {
       if (ti.row_consecutive)
         std::memcpy(&r, rc + j * rsize, sizeof(r));
       else
-        r = splat<LaneVector>(rc[j * rsize]);
+        r = splat<V>(rc[j * rsize]);
       if (ti.col_consecutive)
         std::memcpy(&c, cc + j * csize, sizeof(c));
       else
-        c = splat<LaneVector>(cc[j * csize]);
-      b0[j] = (splat<LaneVector>(w.b0t[j]) + r) + c;
+        c = splat<V>(cc[j * csize]);
+      b0[j] = (splat<V>(w.b0t[j]) + r) + c;
     }
     return;
   }
-  LaneVector row_c[kHidden], col_c[kHidden];
+  V row_c[kHidden], col_c[kHidden];
   load_planes(ti, true, w.row_contrib, rsize, kHidden, count, row_c);
   load_planes(ti, false, w.col_contrib, csize, kHidden, count, col_c);
-  for (int j = 0; j < kHidden; ++j) b0[j] = (splat<LaneVector>(w.b0t[j]) + row_c[j]) + col_c[j];
+  for (int j = 0; j < kHidden; ++j) b0[j] = (splat<V>(w.b0t[j]) + row_c[j]) + col_c[j];
 }
 
 // The inputs of the `count` consecutive elements starting at `e0`, one vector lane per
@@ -251,35 +250,35 @@ LO_HD void first_layer_bias(const TensorWork& w, const TileIndex& ti, int count,
 // momentum, rms and diagonal accumulators are updated in place first (pass 2); otherwise they
 // are read as updated (pass 3). For a factored tensor only the row/column factors are read:
 // its row and column channels enter through per-row/per-column sums (see fold_first_layer).
-template <typename scalar_t, bool update_state, bool factored>
+template <typename V, typename scalar_t, bool update_state, bool factored>
 LO_HD void tile_inputs(TensorWork& w, const scalar_t* g, const scalar_t* p, int64_t e0, int count,
-                       const float* decays, const TileIndex& ti, ElementInputs<LaneVector>& in) {
+                       const float* decays, const TileIndex& ti, ElementInputs<V>& in) {
   const int64_t n = w.info.numel;
-  in.g = load_lanes(g + e0, count);
-  in.p = load_lanes(p + e0, count);
+  in.g = load_lanes<V>(g + e0, count);
+  in.p = load_lanes<V>(p + e0, count);
   for (int k = 0; k < kMomentumChannels; ++k) {
     float* m = w.m + k * n + e0;
-    in.m[k] = load_lanes(m, count);
+    in.m[k] = load_lanes<V>(m, count);
     if (update_state) {
       in.m[k] = ema(in.m[k], in.g, decays[kDecayMomentum + k]);
       store_lanes(m, in.m[k], count);
     }
   }
-  in.v = load_lanes(w.v + e0, count);
+  in.v = load_lanes<V>(w.v + e0, count);
   if (update_state) {
     in.v = ema(in.v, in.g * in.g, clip01(decays[kDecayRms]));
     store_lanes(w.v + e0, in.v, count);
   }
   if (factored) {
-    LaneVector rf[kFactoredChannels], cf[kFactoredChannels];
+    V rf[kFactoredChannels], cf[kFactoredChannels];
     load_planes(ti, true, w.row_fac, w.info.geo.row_numel(), kFactoredChannels, count, rf);
     load_planes(ti, false, w.col_fac, w.info.geo.col_numel(), kFactoredChannels, count, cf);
     set_factored_factors(in, rf, cf);
   } else {
-    LaneVector u[kFactoredChannels];
+    V u[kFactoredChannels];
     for (int k = 0; k < kFactoredChannels; ++k) {
       float* state = w.row + k * n + e0;
-      u[k] = load_lanes(state, count);
+      u[k] = load_lanes<V>(state, count);
       if (update_state) {
         u[k] = ema(u[k], factored_gsq(in.g), clip01(decays[kDecayFactored + k]));
         store_lanes(state, u[k], count);
@@ -294,9 +293,8 @@ LO_HD void tile_inputs(TensorWork& w, const scalar_t* g, const scalar_t* p, int6
 template <bool factored>
 constexpr int kTileFeatures = factored ? kElementFeatures : kFeatures;
 
-template <bool factored>
-LO_HD void tile_features(const ElementInputs<LaneVector>& in,
-                         LaneVector (&x)[kTileFeatures<factored>]) {
+template <bool factored, typename V>
+LO_HD void tile_features(const ElementInputs<V>& in, V (&x)[kTileFeatures<factored>]) {
   if constexpr (factored)
     element_features(in, x);
   else
@@ -304,43 +302,42 @@ LO_HD void tile_features(const ElementInputs<LaneVector>& in,
 }
 
 // Sums of squares of the features over [e0, e1): float sums over at most kFloatTiles tiles
-// per lane, folded into double sums, combined over lanes in a fixed order.
+// per lane, folded into per-lane double sums, combined over lanes in a fixed order.
 constexpr int kFloatTiles = 8;
 
-template <typename scalar_t, bool factored>
-LO_CPU_CLONES void accumulate_chunk(TensorWork& w, int64_t e0, int64_t e1, const float* decays,
-                                    double* sums) {
+template <typename Isa, typename scalar_t, bool factored>
+LO_HD void accumulate_chunk(TensorWork& w, int64_t e0, int64_t e1, const float* decays,
+                            double* sums) {
+  using V = typename Isa::V;
+  constexpr int L = kLanesOf<V>;
   constexpr int kF = kTileFeatures<factored>;
-  LaneVectorD acc[kF];
-  LaneVector part[kF];
-  for (int c = 0; c < kF; ++c) {
-    acc[c] = LaneVectorD{};
-    part[c] = LaneVector{};
-  }
-  LaneVector x[kF];
+  double acc[kF][L] = {};
+  V part[kF];
+  for (int c = 0; c < kF; ++c) part[c] = V{};
+  V x[kF];
   TileIndex ti;
-  ElementInputs<LaneVector> in;
+  ElementInputs<V> in;
   const scalar_t* g = w.g.data_ptr<scalar_t>();
   const scalar_t* p = w.p.data_ptr<scalar_t>();
   int tiles = 0;
   FactoredCursor cursor(w.info.geo, factored ? e0 : 0);
-  for (int64_t e = e0; e < e1; e += kLanes) {
-    const int count = static_cast<int>(std::min<int64_t>(kLanes, e1 - e));
+  for (int64_t e = e0; e < e1; e += L) {
+    const int count = static_cast<int>(std::min<int64_t>(L, e1 - e));
     if (factored) {
       tile_index(cursor, count, ti);
-      cursor.advance(kLanes);
+      cursor.advance(L);
     }
-    tile_inputs<scalar_t, true, factored>(w, g, p, e, count, decays, ti, in);
+    tile_inputs<V, scalar_t, true, factored>(w, g, p, e, count, decays, ti, in);
     tile_features<factored>(in, x);
-    if (count < kLanes) {  // padding lanes do not count
+    if (count < L) {  // padding lanes do not count
       for (int c = 0; c < kF; ++c)
-        for (int l = count; l < kLanes; ++l) x[c][l] = 0.f;
+        for (int l = count; l < L; ++l) x[c][l] = 0.f;
     }
     for (int c = 0; c < kF; ++c) part[c] += x[c] * x[c];
-    if (++tiles == kFloatTiles || e + kLanes >= e1) {
+    if (++tiles == kFloatTiles || e + L >= e1) {
       for (int c = 0; c < kF; ++c) {
-        acc[c] += __builtin_convertvector(part[c], LaneVectorD);
-        part[c] = LaneVector{};
+        for (int l = 0; l < L; ++l) acc[c][l] += part[c][l];
+        part[c] = V{};
       }
       tiles = 0;
     }
@@ -348,46 +345,50 @@ LO_CPU_CLONES void accumulate_chunk(TensorWork& w, int64_t e0, int64_t e1, const
   for (int c = 0; c < kFeatures; ++c) sums[c] = 0.0;
   for (int c = 0; c < kF; ++c) {
     double s = 0.0;
-    for (int l = 0; l < kLanes; ++l) s += acc[c][l];
+    for (int l = 0; l < L; ++l) s += acc[c][l];
     sums[factored ? element_channel(c) : c] = s;
   }
 }
 
-template <typename scalar_t, bool factored>
-LO_CPU_CLONES void update_chunk(TensorWork& w, int64_t e0, int64_t e1, const float* decays,
-                                const float* weights, float lr, float weight_decay,
-                                float step_mult, float exp_mult) {
+template <typename Isa, typename scalar_t, bool factored>
+LO_HD void update_chunk(TensorWork& w, int64_t e0, int64_t e1, const float* decays,
+                        const float* weights, float lr, float weight_decay, float step_mult,
+                        float exp_mult) {
+  using V = typename Isa::V;
+  using Group = LaneGroup<V, Isa::kTiles>;
+  constexpr int L = kLanesOf<V>;
+  constexpr int N = Isa::kTiles;
   constexpr int kF = kTileFeatures<factored>;
   const scalar_t* g = w.g.data_ptr<scalar_t>();
   scalar_t* p = w.p.data_ptr<scalar_t>();
-  LaneGroup x[kF], b0[kHidden], direction, magnitude;
-  LaneVector p_old[kTiles];
+  Group x[kF], b0[kHidden], direction, magnitude;
+  V p_old[N];
   TileIndex ti;
-  ElementInputs<LaneVector> in;
+  ElementInputs<V> in;
   FactoredCursor cursor(w.info.geo, factored ? e0 : 0);
-  // kTiles tiles at a time; missing tiles at the end are zero padding (results dropped).
-  for (int64_t e = e0; e < e1; e += kTiles * kLanes) {
-    int count[kTiles];
-    for (int h = 0; h < kTiles; ++h) {
-      const int64_t eh = e + h * kLanes;
-      count[h] = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(kLanes, e1 - eh)));
+  // N tiles at a time; missing tiles at the end are zero padding (results dropped).
+  for (int64_t e = e0; e < e1; e += N * L) {
+    int count[N];
+    for (int h = 0; h < N; ++h) {
+      const int64_t eh = e + h * L;
+      count[h] = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(L, e1 - eh)));
       if (count[h] == 0) {
-        for (int c = 0; c < kF; ++c) x[c].t[h] = LaneVector{};
-        for (int j = 0; j < kHidden; ++j) b0[j].t[h] = LaneVector{};
-        p_old[h] = LaneVector{};
+        for (int c = 0; c < kF; ++c) x[c].t[h] = V{};
+        for (int j = 0; j < kHidden; ++j) b0[j].t[h] = V{};
+        p_old[h] = V{};
         continue;
       }
       if (factored) {
         tile_index(cursor, count[h], ti);
-        cursor.advance(kLanes);
+        cursor.advance(L);
       }
-      tile_inputs<scalar_t, false, factored>(w, g, p, eh, count[h], decays, ti, in);
-      LaneVector xh[kF];
+      tile_inputs<V, scalar_t, false, factored>(w, g, p, eh, count[h], decays, ti, in);
+      V xh[kF];
       tile_features<factored>(in, xh);
       for (int c = 0; c < kF; ++c) x[c].t[h] = xh[c];
       p_old[h] = in.p;
       if constexpr (factored) {
-        LaneVector bh[kHidden];
+        V bh[kHidden];
         first_layer_bias(w, ti, count[h], bh);
         for (int j = 0; j < kHidden; ++j) b0[j].t[h] = bh[j];
       }
@@ -399,15 +400,91 @@ LO_CPU_CLONES void update_chunk(TensorWork& w, int64_t e0, int64_t e1, const flo
       mlp_forward(x, w.w0s.data(), w.b0t.data(), weights + kW1, weights + kB1, weights + kW2,
                   weights + kB2, direction, magnitude);
     }
-    for (int h = 0; h < kTiles; ++h) {
+    for (int h = 0; h < N; ++h) {
       if (count[h] == 0) continue;
-      const LaneVector step =
-          step_from_outputs(direction.t[h], magnitude.t[h], exp_mult, step_mult);
-      const LaneVector updated = apply_step(p_old[h], step, lr, weight_decay);
-      scalar_t* out = p + e + h * kLanes;
+      const V step = step_from_outputs(direction.t[h], magnitude.t[h], exp_mult, step_mult);
+      const V updated = apply_step(p_old[h], step, lr, weight_decay);
+      scalar_t* out = p + e + h * L;
       for (int l = 0; l < count[h]; ++l) out[l] = static_cast<scalar_t>(updated[l]);
     }
   }
+}
+
+// One entry point per instruction set and kernel, compiled for that set; the bodies above are
+// inlined into them. select_isa() picks one at run time from what the processor supports.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LO_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")))
+#define LO_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define LO_HAVE_ISA_CLONES 1
+#else
+#define LO_TARGET_AVX512
+#define LO_TARGET_AVX2
+#define LO_HAVE_ISA_CLONES 0
+#endif
+
+#define LO_DEFINE_ENTRIES(NAME, ISA, TARGET)                                                  \
+  template <typename scalar_t, bool factored>                                                 \
+  TARGET void accumulate_chunk_##NAME(TensorWork& w, int64_t e0, int64_t e1,                  \
+                                      const float* decays, double* sums) {                    \
+    accumulate_chunk<ISA, scalar_t, factored>(w, e0, e1, decays, sums);                       \
+  }                                                                                           \
+  template <typename scalar_t, bool factored>                                                 \
+  TARGET void update_chunk_##NAME(TensorWork& w, int64_t e0, int64_t e1, const float* decays, \
+                                  const float* weights, float lr, float wd, float sm,         \
+                                  float em) {                                                 \
+    update_chunk<ISA, scalar_t, factored>(w, e0, e1, decays, weights, lr, wd, sm, em);        \
+  }
+
+LO_DEFINE_ENTRIES(base, IsaBase, )
+#if LO_HAVE_ISA_CLONES
+LO_DEFINE_ENTRIES(avx2, IsaAvx2, LO_TARGET_AVX2)
+LO_DEFINE_ENTRIES(avx512, IsaAvx512, LO_TARGET_AVX512)
+#endif
+
+enum class CpuIsa { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// The widest set the processor has, capped by LO_OPS_CPU_ISA=base|avx2|avx512 if set.
+CpuIsa select_isa() {
+  CpuIsa best = CpuIsa::kBase;
+#if LO_HAVE_ISA_CLONES
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = CpuIsa::kAvx2;
+  if (best == CpuIsa::kAvx2 && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl"))
+    best = CpuIsa::kAvx512;
+#endif
+  const char* cap = std::getenv("LO_OPS_CPU_ISA");
+  if (cap != nullptr) {
+    const std::string c(cap);
+    TORCH_CHECK(c == "base" || c == "avx2" || c == "avx512",
+                "LO_OPS_CPU_ISA must be base, avx2 or avx512, got '", c, "'");
+    const CpuIsa wanted = c == "base" ? CpuIsa::kBase : c == "avx2" ? CpuIsa::kAvx2 : CpuIsa::kAvx512;
+    if (static_cast<int>(wanted) < static_cast<int>(best)) best = wanted;
+  }
+  return best;
+}
+
+template <typename scalar_t, bool factored>
+void accumulate_chunk_for(CpuIsa isa, TensorWork& w, int64_t e0, int64_t e1,
+                          const float* decays, double* sums) {
+#if LO_HAVE_ISA_CLONES
+  if (isa == CpuIsa::kAvx512) return accumulate_chunk_avx512<scalar_t, factored>(w, e0, e1, decays, sums);
+  if (isa == CpuIsa::kAvx2) return accumulate_chunk_avx2<scalar_t, factored>(w, e0, e1, decays, sums);
+#endif
+  accumulate_chunk_base<scalar_t, factored>(w, e0, e1, decays, sums);
+}
+
+template <typename scalar_t, bool factored>
+void update_chunk_for(CpuIsa isa, TensorWork& w, int64_t e0, int64_t e1, const float* decays,
+                      const float* weights, float lr, float wd, float sm, float em) {
+#if LO_HAVE_ISA_CLONES
+  if (isa == CpuIsa::kAvx512)
+    return update_chunk_avx512<scalar_t, factored>(w, e0, e1, decays, weights, lr, wd, sm, em);
+  if (isa == CpuIsa::kAvx2)
+    return update_chunk_avx2<scalar_t, factored>(w, e0, e1, decays, weights, lr, wd, sm, em);
+#endif
+  update_chunk_base<scalar_t, factored>(w, e0, e1, decays, weights, lr, wd, sm, em);
 }
 
 // Sum of squares of `size` values (double, in order).
@@ -498,6 +575,7 @@ void parallel_items(int64_t n, Cost cost, F fn) {
 template <typename scalar_t>
 void step_bucket(std::vector<TensorWork>& work, const float* decays, const float* weights,
                  float lr, double weight_decay, double step_mult, double exp_mult) {
+  const CpuIsa isa = select_isa();
   // Pass 1: factored second moments.
   std::vector<ReduceTask> reduce;
   for (int ti = 0; ti < static_cast<int>(work.size()); ++ti) {
@@ -543,15 +621,15 @@ void step_bucket(std::vector<TensorWork>& work, const float* decays, const float
     w.num_chunks = static_cast<int64_t>(chunks.size()) - w.first_chunk;
   }
   std::vector<double> sums(chunks.size() * kFeatures);
-  const auto chunk_cost = [&](int64_t i) { return chunks[i].e1 - chunks[i].e0 + kLanes; };
+  const auto chunk_cost = [&](int64_t i) { return chunks[i].e1 - chunks[i].e0 + kMaxLanes; };
   parallel_items(static_cast<int64_t>(chunks.size()), chunk_cost, [&](int64_t i) {
     const Chunk& c = chunks[i];
     auto& w = work[c.tensor];
     double* out = sums.data() + i * kFeatures;
     if (w.info.factored)
-      accumulate_chunk<scalar_t, true>(w, c.e0, c.e1, decays, out);
+      accumulate_chunk_for<scalar_t, true>(isa, w, c.e0, c.e1, decays, out);
     else
-      accumulate_chunk<scalar_t, false>(w, c.e0, c.e1, decays, out);
+      accumulate_chunk_for<scalar_t, false>(isa, w, c.e0, c.e1, decays, out);
   });
 
   // Pass 3: fold the per-tensor constants into the first layer, then MLP and update.
@@ -573,9 +651,9 @@ void step_bucket(std::vector<TensorWork>& work, const float* decays, const float
     const Chunk& c = chunks[i];
     auto& w = work[c.tensor];
     if (w.info.factored)
-      update_chunk<scalar_t, true>(w, c.e0, c.e1, decays, weights, lr, wd, sm, em);
+      update_chunk_for<scalar_t, true>(isa, w, c.e0, c.e1, decays, weights, lr, wd, sm, em);
     else
-      update_chunk<scalar_t, false>(w, c.e0, c.e1, decays, weights, lr, wd, sm, em);
+      update_chunk_for<scalar_t, false>(isa, w, c.e0, c.e1, decays, weights, lr, wd, sm, em);
   });
 }
 
