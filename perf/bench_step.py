@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -32,6 +33,23 @@ def make_params(shapes, device, dtype, seed=0):
         p.grad = (torch.randn(s, generator=gen) * 1e-3).to(device=device, dtype=dtype)
         params.append(p)
     return params
+
+
+def cpu_description():
+    """The processor model and the vector instruction sets the CPU kernel can use."""
+    info = {"cpu_isa_cap": os.environ.get("LO_OPS_CPU_ISA")}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        if line.startswith("model name"):
+            info["model"] = line.split(":", 1)[1].strip()
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            info["flags"] = sorted(flags & {"avx2", "fma", "avx512f", "avx512dq", "avx512bw", "avx512vl"})
+            break
+    return info
 
 
 def time_step(opt, device, warmup, repeats):
@@ -81,7 +99,8 @@ def main():
     record = {
         "set": args.set, "tensors": len(shapes), "parameters": numel, "device": args.device,
         "dtype": args.dtype, "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(), "results": results, "ratios": ratios,
+        "machine": platform.processor() or platform.machine(), "cpu": cpu_description(),
+        "results": results, "ratios": ratios,
         "date": time.strftime("%Y-%m-%d"),
     }
     out = args.out or HERE / "results" / f"bench_step_{args.set}_{args.device}_{args.dtype}.json"
