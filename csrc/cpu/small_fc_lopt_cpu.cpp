@@ -1,7 +1,8 @@
 // CPU kernel of lo_ops::small_fc_lopt_step_.
 //
 // Three passes over a whole bucket of parameters, each one parallel over a work list that
-// spans all tensors, split between threads by cost (so 300 small tensors cost a few parallel regions, not 900):
+// spans all tensors, split between threads by cost (300 small tensors cost a few parallel
+// regions, not 900):
 //   1. factored tensors: row/column means of g^2 update r and c, then the per-row mean of r
 //      gives the row factors (small arrays, kept in a scratch buffer);
 //   2. every element: momentum, rms and diagonal accumulators are updated in place and the
@@ -31,7 +32,6 @@
 #include "../small_fc_lopt.h"
 #include "../small_fc_lopt_math.h"
 #include "lane_vector.h"
-
 
 namespace lo_ops {
 namespace {
@@ -682,7 +682,7 @@ void small_fc_lopt_step_cpu(at::TensorList params, at::TensorList grads,
     w.g = grads[i].contiguous();
     w.m = momentum[i].data_ptr<float>();
     w.v = rms[i].data_ptr<float>();
-    w.t = state_steps[i].item<float>();
+    w.t = *state_steps[i].data_ptr<float>();
     if (w.info.factored) {
       w.row = fac_row[w.info.state_index].data_ptr<float>();
       w.col = fac_col[w.info.state_index].data_ptr<float>();
