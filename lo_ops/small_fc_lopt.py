@@ -89,10 +89,8 @@ class SmallFCLOpt(Optimizer):
         gi = len(self.param_groups) - 1
         _check_lr(group["lr"], f"param_groups[{gi}]['lr']")
         _check_weight_decay(group["weight_decay"], f"param_groups[{gi}]['weight_decay']")
-        if not isinstance(group["lr"], Tensor):
-            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32)
-        else:  # a private copy, so that schedulers of different groups don't alias
-            group["lr"] = group["lr"].detach().clone().float()
+        if isinstance(group["lr"], Tensor):  # a private copy: groups' schedulers must not alias
+            group["lr"] = group["lr"].detach().clone()
         for pi, p in enumerate(group["params"]):
             if p.is_complex():
                 raise ValueError(
@@ -106,10 +104,7 @@ class SmallFCLOpt(Optimizer):
                 )
             self._fused_for(p.device)
             self._meta(p.device)  # created now, so that a compiled step finds it unchanged
-        # lr lives on the parameters' device (all devices of a group must agree for that).
-        devices = {p.device for p in group["params"]}
-        if len(devices) == 1:
-            group["lr"] = group["lr"].to(next(iter(devices)))
+        _place_lr(group)
 
     def _fused_for(self, device: torch.device) -> bool:
         key = device.type
@@ -174,26 +169,34 @@ class SmallFCLOpt(Optimizer):
             self._init_group(group, params, grads, momentum, rms, fac_row, fac_col, fac_diag, steps)
             if not params:
                 continue
-            for (device, _), b in _buckets(params, grads, momentum, rms, fac_row, fac_col, fac_diag, steps).items():
+            buckets = _buckets(params, grads, momentum, rms, fac_row, fac_col, fac_diag, steps)
+            for (device, _), lists in buckets.items():
                 weights, decays = self._meta(device)
-                lr = group["lr"]
-                if lr.device != device:
-                    lr = lr.to(device)
-                fn = torch.ops.lo_ops.small_fc_lopt_step_ if self._fused_for(device) else reference.small_fc_lopt_step_
-                fn(*b, lr, weights, decays, float(group["weight_decay"]), self.step_mult, self.exp_mult)
+                lr = group["lr"] if group["lr"].device == device else group["lr"].to(device)
+                if self._fused_for(device):
+                    fn = torch.ops.lo_ops.small_fc_lopt_step_
+                else:
+                    fn = reference.small_fc_lopt_step_
+                fn(*lists, lr, weights, decays, float(group["weight_decay"]), self.step_mult,
+                   self.exp_mult)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # torch.optim casts floating state to the parameter dtype; ours stays float32.
-        saved = {k: dict(v) for k, v in state_dict["state"].items()}
-        super().load_state_dict(state_dict)
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        # torch.optim casts floating state to the parameter dtype; ours stays float32. The
+        # saved state is checked before anything is replaced, so a bad state dict changes nothing.
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups) or any(
+            len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)
+        ):
+            super().load_state_dict(state_dict)  # raises torch.optim's error for this mismatch
+        saved_ids = [i for g in saved_groups for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
+        restored = {}
         for pid, p in zip(saved_ids, params):
-            if pid not in saved:
+            if pid not in state_dict["state"]:
                 continue
+            got = state_dict["state"][pid]
             expected = {"step": ()} | state_shapes(p.shape)
-            got = saved[pid]
             if set(got) != set(expected):
                 raise ValueError(
                     f"load_state_dict: state of parameter {pid} has keys {sorted(got)}, but a "
@@ -206,13 +209,25 @@ class SmallFCLOpt(Optimizer):
                         f"load_state_dict: state[{key!r}] of parameter {pid} should be a tensor "
                         f"of shape {tuple(shape)}, got {getattr(value, 'shape', type(value))}"
                     )
-                self.state[p][key] = value.detach().to(device=p.device, dtype=torch.float32, copy=True)
-        for g in self.param_groups:
-            if not isinstance(g["lr"], Tensor):
-                g["lr"] = torch.tensor(float(g["lr"]), dtype=torch.float32)
-            devices = {p.device for p in g["params"]}
-            if len(devices) == 1:
-                g["lr"] = g["lr"].to(device=next(iter(devices)), dtype=torch.float32)
+            restored[p] = {
+                key: got[key].detach().to(device=p.device, dtype=torch.float32, copy=True)
+                for key in expected
+            }
+        super().load_state_dict(state_dict)
+        for p, state in restored.items():
+            self.state[p] = state
+        for group in self.param_groups:
+            _place_lr(group)
+
+
+def _place_lr(group: dict[str, Any]) -> None:
+    """Makes group["lr"] a float32 0-d tensor, on the parameters' device when they share one."""
+    lr = group["lr"]
+    lr = lr.detach().reshape(()).float() if isinstance(lr, Tensor) else torch.tensor(float(lr))
+    devices = {p.device for p in group["params"]}
+    if len(devices) == 1:
+        lr = lr.to(next(iter(devices)))
+    group["lr"] = lr
 
 
 def _buckets(params, grads, momentum, rms, fac_row, fac_col, fac_diag, steps):

@@ -86,3 +86,18 @@ def test_step_with_closure_returns_loss():
     loss = opt.step(closure)
     assert isinstance(loss, torch.Tensor) and loss.ndim == 0
     assert opt.state[w]["step"].item() == 1
+
+
+def test_failed_load_changes_nothing():
+    opt = make_opt(make_params([(7, 5), (5,)], non_contiguous=False))
+    set_grads([opt.param_groups[0]["params"]], 0)
+    opt.step()
+    before = {k: v.clone() for k, v in opt.state[opt.param_groups[0]["params"][0]].items()}
+    sd = opt.state_dict()
+    sd["state"][1]["rms"] = torch.zeros(7)  # wrong shape for the [5] parameter
+    sd["param_groups"][0]["lr"] = 0.25
+    with pytest.raises(ValueError, match=r"state\['rms'\] of parameter 1"):
+        opt.load_state_dict(sd)
+    after = opt.state[opt.param_groups[0]["params"][0]]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert opt.param_groups[0]["lr"].item() == 1.0
