@@ -13,10 +13,15 @@ setup: $(STAMP)
 $(VENV)/bin/python:
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 
-# torch==2.13.0 is installed only when no torch is importable (a GPU machine keeps its own).
+# Only what is missing is installed: torch==2.13.0 (the CPU build) when no torch is importable,
+# so a machine with its own torch (a GPU image) keeps it and needs no network.
+DEPS := safetensors huggingface_hub pytest numpy ninja
 $(STAMP): $(VENV)/bin/python $(SOURCES)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
-	$(PIP) install "setuptools>=64" wheel ninja numpy pytest "safetensors>=0.4.3" "huggingface_hub>=0.23"
+	@missing=""; for m in $(DEPS); do $(PY) -c "import $$m" 2>/dev/null || missing="$$missing $$m"; done; \
+	if [ -n "$$missing" ]; then echo "installing:$$missing"; $(PIP) install $$missing; fi
+	$(PY) -c "import setuptools, wheel, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 64)" 2>/dev/null \
+	  || $(PIP) install "setuptools>=64" wheel
 	$(PIP) install --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
