@@ -221,6 +221,8 @@ def _resolve_directory(source: str, *, revision=None, cache_dir=None, token=None
 
 
 def _load_directory(directory: Path, source: str) -> tuple[SmallFCLOptNetwork, str]:
+    if not (directory / "config.json").exists() and (directory / "MetaMLP" / "config.json").exists():
+        directory = directory / "MetaMLP"  # PyLO's repository layout, one level up
     config_path, weights_path = directory / "config.json", directory / "model.safetensors"
     for f in (config_path, weights_path):
         if not f.is_file():

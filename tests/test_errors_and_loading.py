@@ -221,3 +221,10 @@ def test_push_to_hub_uploads_the_lo_ops_layout(tmp_path, monkeypatch):
     back, layout = load_small_fc_lopt_network(uploaded)
     assert layout == "lo_ops" and back.step_mult == 0.003 and back.decay_offsets["rms"] == [0.2]
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), back.state_dict().values()))
+
+
+def test_pylo_parent_directory_with_metamlp(small_fc_lopt_fixture_dir):
+    direct, layout = load_small_fc_lopt_network(small_fc_lopt_fixture_dir)
+    parent, parent_layout = load_small_fc_lopt_network(small_fc_lopt_fixture_dir.parent)
+    assert layout == parent_layout == "pylo"
+    assert all(torch.equal(a, b) for a, b in zip(direct.state_dict().values(), parent.state_dict().values()))
