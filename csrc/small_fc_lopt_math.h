@@ -112,11 +112,11 @@ LO_HD T accumulator_rsqrt(T x) {
   return rsqrt_exact(x + 1e-8f);
 }
 
-// Everything one element (or one vector of elements) contributes to its 28 features. For a
-// factored tensor, `row` and `col` are the broadcast row/column accumulators,
-// `row_rsqrt`/`col_rsqrt` their rsqrt(+1e-8), and `grad_factor` = `mom_factor` =
-// row_factor * col_factor (set_factored). For an unfactored tensor, row = col = u, the
-// diagonal accumulator (set_unfactored).
+// Everything one element (or one vector of elements) contributes to its 28 features. For an
+// unfactored tensor, set_unfactored() fills it from u, the diagonal accumulator (row = col = u).
+// For a factored tensor, set_factored_factors() fills the row/column factors; its row and
+// column channels (row, col and their rsqrt) are constant along d0 or d1, and a backend may
+// feed them to the network per row and per column instead (see element_features()).
 template <typename T>
 struct ElementInputs {
   T g;
@@ -153,20 +153,6 @@ LO_HD void set_factored_factors(ElementInputs<T>& e, const T (&rf)[kFactoredChan
     e.grad_factor[k] = rf[k] * cf[k];
     e.mom_factor[k] = rf[k] * cf[k];
   }
-}
-
-template <typename T>
-LO_HD void set_factored(ElementInputs<T>& e, const T (&r)[kFactoredChannels],
-                        const T (&c)[kFactoredChannels], const T (&rs)[kFactoredChannels],
-                        const T (&cs)[kFactoredChannels], const T (&rf)[kFactoredChannels],
-                        const T (&cf)[kFactoredChannels]) {
-  for (int k = 0; k < kFactoredChannels; ++k) {
-    e.row[k] = r[k];
-    e.col[k] = c[k];
-    e.row_rsqrt[k] = rs[k];
-    e.col_rsqrt[k] = cs[k];
-  }
-  set_factored_factors(e, rf, cf);
 }
 
 // Of the 28 channels, 13..24 (r, c and their rsqrt) are, for a factored tensor, constant

@@ -24,7 +24,6 @@ def demo(args) -> int:
         model = torch.nn.Sequential(torch.nn.Linear(16, 128), torch.nn.ReLU(), torch.nn.Linear(128, 128),
                                     torch.nn.ReLU(), torch.nn.Linear(128, 4))
         opt = make_opt(model.parameters())
-        losses = []
         t0 = time.perf_counter()
         for step in range(args.steps):
             idx = torch.randint(0, x.shape[0], (256,))
@@ -36,7 +35,6 @@ def demo(args) -> int:
                 return loss
 
             loss = opt.step(closure)
-            losses.append(loss.item())
             if step % args.every == 0 or step == args.steps - 1:
                 print(f"  {name:12s} step {step:4d}  loss {loss.item():.5f}")
         with torch.no_grad():
