@@ -77,3 +77,41 @@ def effective_decays(offsets: dict[str, Sequence[float]]) -> torch.Tensor:
     )
     param = torch.log(1 - base) / 10
     return 1 - torch.exp(10 * (param + off))
+
+
+# -- VeLO (spec section 3) ----------------------------------------------------------------------
+VELO_DECAYS = (0.9, 0.99, 0.999, 0.999, 0.9, 0.99, 0.999)  # momentum 3, rms 1, factored 3
+VELO_LSTM_INPUTS = 30
+VELO_LSTM_HIDDEN = 512
+VELO_PARAM_INITS = 256  # weight sets of the per-element MLP
+VELO_NUM_FEATURES = 30
+VELO_MLP_HIDDEN = 4
+VELO_MLP_OUTPUTS = 3
+VELO_TIME_OFFSETS = (0.03, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0, 1.1)
+VELO_LOSS_FEATURES = 9
+VELO_LOSS_BUFFER = 10
+VELO_RMIN_INIT = 999999999999.0
+VELO_STEP_MULT = 0.001
+VELO_EXP_MULT = 0.001
+# One weight set of the per-element MLP, packed: W0 [4, 30], b0, W1 [4, 4], b1, W2 [3, 4], b2
+# (PyTorch [out, in] layout).
+VELO_MLP_SHAPES = (
+    (VELO_MLP_HIDDEN, VELO_NUM_FEATURES),
+    (VELO_MLP_HIDDEN,),
+    (VELO_MLP_HIDDEN, VELO_MLP_HIDDEN),
+    (VELO_MLP_HIDDEN,),
+    (VELO_MLP_OUTPUTS, VELO_MLP_HIDDEN),
+    (VELO_MLP_OUTPUTS,),
+)
+VELO_MLP_NUMEL = sum(torch.Size(s).numel() for s in VELO_MLP_SHAPES)  # 159
+
+
+def unpack_velo_mlp(packed: torch.Tensor) -> list[torch.Tensor]:
+    """[..., 159] -> (W0 [..., 4, 30], b0, W1, b1, W2, b2)."""
+    out, offset = [], 0
+    lead = packed.shape[:-1]
+    for s in VELO_MLP_SHAPES:
+        numel = torch.Size(s).numel()
+        out.append(packed[..., offset : offset + numel].reshape(*lead, *s))
+        offset += numel
+    return out

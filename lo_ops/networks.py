@@ -122,27 +122,7 @@ class SmallFCLOptNetwork(
 
     def load_strict(self, tensors: Mapping[str, torch.Tensor], source: str) -> None:
         """Loads ``tensors`` after checking keys and shapes exactly; errors name ``source``."""
-        expected = {k: tuple(v.shape) for k, v in self.state_dict().items()}
-        missing = sorted(set(expected) - set(tensors))
-        extra = sorted(set(tensors) - set(expected))
-        wrong = sorted(
-            f"{k}: {tuple(tensors[k].shape)} (expected {expected[k]})"
-            for k in set(expected) & set(tensors)
-            if tuple(tensors[k].shape) != expected[k]
-        )
-        if missing or extra or wrong:
-            parts = []
-            if missing:
-                parts.append(f"missing keys {missing}")
-            if extra:
-                parts.append(f"unexpected keys {extra}")
-            if wrong:
-                parts.append(f"wrong shapes {wrong}")
-            raise ValueError(f"small_fc_lopt weights in {source}: " + "; ".join(parts))
-        for k, v in tensors.items():
-            if not v.is_floating_point() or not torch.isfinite(v).all():
-                raise ValueError(f"small_fc_lopt weights in {source}: {k} must be finite floats")
-        self.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
+        load_strict(self, tensors, f"small_fc_lopt weights in {source}")
 
     @classmethod
     def _from_pretrained(cls, *, model_id, revision=None, cache_dir=None, force_download=False,
@@ -158,6 +138,35 @@ class SmallFCLOptNetwork(
                 f"{model_id} is in PyLO's layout; load it with lo_ops.load_small_fc_lopt_network"
             )
         return net.to(map_location)
+
+
+def load_strict(module: nn.Module, tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    """Loads ``tensors`` into ``module`` after checking keys, shapes and values exactly.
+
+    A missing, extra or wrongly shaped key, or a non-finite value, raises a ValueError that
+    starts with ``what`` and lists every problem.
+    """
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    wrong = sorted(
+        f"{k}: {tuple(tensors[k].shape)} (expected {expected[k]})"
+        for k in set(expected) & set(tensors)
+        if tuple(tensors[k].shape) != expected[k]
+    )
+    if missing or extra or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing}")
+        if extra:
+            parts.append(f"unexpected keys {extra}")
+        if wrong:
+            parts.append(f"wrong shapes {wrong}")
+        raise ValueError(f"{what}: " + "; ".join(parts))
+    for k, v in tensors.items():
+        if not v.is_floating_point() or not torch.isfinite(v).all():
+            raise ValueError(f"{what}: {k} must be finite floats")
+    module.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
 
 
 def normalised_adam_network() -> SmallFCLOptNetwork:
@@ -184,6 +193,7 @@ def normalised_adam_network() -> SmallFCLOptNetwork:
 
 def _resolve_directory(source: str, *, revision=None, cache_dir=None, token=None,
                        force_download=False, local_files_only=False) -> Path:
+    """A local checkpoint directory, or the cache directory of a Hub repo's config + weights."""
     path = Path(source).expanduser()
     if path.is_dir():
         return path

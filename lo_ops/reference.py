@@ -24,6 +24,44 @@ def _channels(x: torch.Tensor, ndim: int) -> torch.Tensor:
     return x.view(3, *([1] * ndim))
 
 
+def update_accumulators(g32, momentum, rms, fac_row, fac_col, fac_diag, decays, shape):
+    """Spec 1.1: updates the accumulators in place with ``g32`` and returns the per-element
+    inputs of the features, each broadcast to ``[3, *shape]`` or ``shape``: ``m``, ``v``,
+    ``fac_g``, ``row``/``col`` (r, c broadcast back, or u), their ``row_rsqrt``/``col_rsqrt``
+    (rsqrt(x + 1e-8)), and ``factor`` (row_factor * col_factor) or ``u`` (unfactored)."""
+    nd = len(shape)
+    mom_decay, rms_decay, fac_decay = decays[0:3], decays[3].clamp(0, 1), decays[4:7].clamp(0, 1)
+    m = momentum.view(3, *shape)
+    m.copy_(_ema(m, g32, _channels(mom_decay, nd)))
+    v = rms.view(shape)
+    v.copy_(_ema(v, g32 * g32, rms_decay))
+    gsq = g32 * g32 + 1e-30
+    out = {"m": m, "v": v}
+    if fac_row is not None:
+        d0, d1 = factored_axes(shape)
+        r, c = fac_row, fac_col
+        r.copy_(_ema(r, gsq.mean(dim=d0), _channels(fac_decay, nd - 1)))
+        c.copy_(_ema(c, gsq.mean(dim=d1), _channels(fac_decay, nd - 1)))
+        reduced_d1 = d1 - 1 if d1 > d0 else d1
+        row_factor = _safe_rsqrt(r / (r.mean(dim=1 + reduced_d1, keepdim=True) + 1e-9))
+        col_factor = _safe_rsqrt(c)
+        r_b = r.unsqueeze(1 + d0)  # broadcast back along d0
+        c_b = c.unsqueeze(1 + d1)  # broadcast back along d1
+        out["factor"] = row_factor.unsqueeze(1 + d0) * col_factor.unsqueeze(1 + d1)
+        out["fac_g"] = g32 * out["factor"]
+        out["row"], out["col"] = r_b.expand(3, *shape), c_b.expand(3, *shape)
+        out["row_rsqrt"] = torch.rsqrt(r_b + 1e-8).expand(3, *shape)
+        out["col_rsqrt"] = torch.rsqrt(c_b + 1e-8).expand(3, *shape)
+    else:
+        u = fac_diag.view(3, *shape)
+        u.copy_(_ema(u, gsq, _channels(fac_decay, nd)))
+        out["u"] = u
+        out["fac_g"] = g32 * _safe_rsqrt(u + 1e-9)
+        out["row"] = out["col"] = u
+        out["row_rsqrt"] = out["col_rsqrt"] = torch.rsqrt(u + 1e-8)
+    return out
+
+
 @torch.no_grad()
 def small_fc_lopt_update(
     p, g, momentum, rms, fac_row, fac_col, fac_diag, step, *, lr, weights, decays,
@@ -36,47 +74,19 @@ def small_fc_lopt_update(
         return
     w0, b0, w1, b1, w2, b2 = (w.float() for w in weights)
     shape = p.shape if p.dim() > 0 else torch.Size([1])  # a 0-d tensor is treated as [1]
-    nd = len(shape)
     g32 = g.float().reshape(shape)
     p32 = p.float().reshape(shape)
-    mom_decay, rms_decay, fac_decay = decays[0:3], decays[3].clamp(0, 1), decays[4:7].clamp(0, 1)
 
     # 1. accumulators
-    m = momentum.view(3, *shape)
-    m.copy_(_ema(m, g32, _channels(mom_decay, nd)))
-    v = rms.view(shape)
-    v.copy_(_ema(v, g32 * g32, rms_decay))
-    gsq = g32 * g32 + 1e-30
-    a = _channels(fac_decay, nd)
-    if p.dim() >= 2:
-        d0, d1 = factored_axes(shape)
-        r, c = fac_row, fac_col
-        r.copy_(_ema(r, gsq.mean(dim=d0), _channels(fac_decay, nd - 1)))
-        c.copy_(_ema(c, gsq.mean(dim=d1), _channels(fac_decay, nd - 1)))
-        reduced_d1 = d1 - 1 if d1 > d0 else d1
-        row_factor = _safe_rsqrt(r / (r.mean(dim=1 + reduced_d1, keepdim=True) + 1e-9))
-        col_factor = _safe_rsqrt(c)
-        r_b = r.unsqueeze(1 + d0)  # broadcast back along d0
-        c_b = c.unsqueeze(1 + d1)  # broadcast back along d1
-        factor = row_factor.unsqueeze(1 + d0) * col_factor.unsqueeze(1 + d1)
-        fac_g = g32 * factor
-        row_feat, col_feat = r_b.expand(3, *shape), c_b.expand(3, *shape)
-        row_rsqrt = torch.rsqrt(r_b + 1e-8).expand(3, *shape)
-        col_rsqrt = torch.rsqrt(c_b + 1e-8).expand(3, *shape)
-        fac_mom = m * factor
-    else:
-        u = fac_diag.view(3, *shape)
-        u.copy_(_ema(u, gsq, a))
-        fac_g = g32 * _safe_rsqrt(u + 1e-9)
-        row_feat = col_feat = u
-        row_rsqrt = col_rsqrt = torch.rsqrt(u + 1e-8)
-        fac_mom = m * torch.rsqrt(u + 1e-6)
+    acc = update_accumulators(g32, momentum, rms, fac_row, fac_col, fac_diag, decays, shape)
+    m, v = acc["m"], acc["v"]
+    fac_mom = m * (acc["factor"] if p.dim() >= 2 else torch.rsqrt(acc["u"] + 1e-6))
 
     # 2. the 28 per-element features, channel order of the spec
     v_rsqrt = torch.rsqrt(v + 1e-6)
     feats = torch.cat(
-        [g32[None], p32[None], m, v[None], m * v_rsqrt, v_rsqrt[None], fac_g,
-         row_feat, col_feat, row_rsqrt, col_rsqrt, fac_mom]
+        [g32[None], p32[None], m, v[None], m * v_rsqrt, v_rsqrt[None], acc["fac_g"],
+         acc["row"], acc["col"], acc["row_rsqrt"], acc["col_rsqrt"], fac_mom]
     ).reshape(28, -1).T
     # 3. second-moment normalisation per channel
     feats = feats * torch.rsqrt(1e-5 + feats.square().mean(dim=0))

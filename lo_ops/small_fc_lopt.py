@@ -2,33 +2,24 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.optim import Optimizer
 
 from . import reference
 from ._layout import effective_decays, state_shapes
+from ._optim import LearnedOptimizer, check_lr, check_state_tensor, check_weight_decay, place_lr
 from .networks import check_decay_offsets, load_small_fc_lopt_network
 
-logger = logging.getLogger(__name__)
 
-_OP = "small_fc_lopt_step_"
 _STATE_KEYS_FACTORED = ("step", "momentum", "rms", "fac_row", "fac_col")
 _STATE_KEYS_DIAGONAL = ("step", "momentum", "rms", "fac_diag")
 
 
-def _has_kernel(device_type: str) -> bool:
-    from . import has_kernel
-
-    return has_kernel(_OP, device_type)
-
-
-class SmallFCLOpt(Optimizer):
+class SmallFCLOpt(LearnedOptimizer):
     """small_fc_lopt (``AdafacMLPLOpt``): each element's step comes from a 39-32-32-2 MLP.
 
     Args:
@@ -48,6 +39,8 @@ class SmallFCLOpt(Optimizer):
             otherwise (logged once); True requires the fused kernel; False uses the reference.
     """
 
+    _ops = ("small_fc_lopt_step_",)
+
     def __init__(
         self,
         params,
@@ -62,10 +55,8 @@ class SmallFCLOpt(Optimizer):
         fused: bool | None = None,
         revision: str | None = None,
     ):
-        _check_lr(lr, "lr")
-        _check_weight_decay(weight_decay, "weight_decay")
-        if fused not in (None, True, False):
-            raise ValueError(f"fused must be None, True or False, got {fused!r}")
+        check_lr(lr, "lr")
+        check_weight_decay(weight_decay, "weight_decay")
         network, layout = load_small_fc_lopt_network(pretrained, revision=revision)
         self.network = network
         self.layout = layout
@@ -76,53 +67,15 @@ class SmallFCLOpt(Optimizer):
                 raise ValueError(f"{name} must be finite, got {value}")
         offsets = network.decay_offsets if decay_offsets is None else decay_offsets
         self.decay_offsets = check_decay_offsets(offsets)
-        self.fused = fused
         self._meta_cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
-        self._use_fused: dict[str, bool] = {}
         defaults = dict(lr=lr, weight_decay=weight_decay, capturable=capturable, fused=fused)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, fused)
 
     # -- param groups -------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        gi = len(self.param_groups) - 1
-        _check_lr(group["lr"], f"param_groups[{gi}]['lr']")
-        _check_weight_decay(group["weight_decay"], f"param_groups[{gi}]['weight_decay']")
-        if isinstance(group["lr"], Tensor):  # a private copy: groups' schedulers must not alias
-            group["lr"] = group["lr"].detach().clone()
-        for pi, p in enumerate(group["params"]):
-            if p.is_complex():
-                raise ValueError(
-                    f"SmallFCLOpt does not support complex parameters (param_groups[{gi}], "
-                    f"parameter {pi}, dtype {p.dtype}); view them as real with torch.view_as_real"
-                )
-            if not p.is_floating_point():
-                raise ValueError(
-                    f"SmallFCLOpt needs floating-point parameters (param_groups[{gi}], "
-                    f"parameter {pi}, dtype {p.dtype})"
-                )
-            self._fused_for(p.device)
+        for p in self.param_groups[-1]["params"]:
             self._meta(p.device)  # created now, so that a compiled step finds it unchanged
-        _place_lr(group)
-
-    def _fused_for(self, device: torch.device) -> bool:
-        key = device.type
-        if key not in self._use_fused:
-            available = _has_kernel(key)
-            if self.fused is True and not available:
-                raise RuntimeError(
-                    f"SmallFCLOpt(fused=True): lo_ops was built without a {key} kernel for "
-                    f"{_OP}; use fused=None to fall back to the reference implementation"
-                )
-            use = available and self.fused is not False
-            if not use and self.fused is None:
-                logger.warning(
-                    "SmallFCLOpt: no fused %s kernel in this build; %s parameters use the "
-                    "(slower) pure-PyTorch reference", key, key,
-                )
-            self._use_fused[key] = use
-        return self._use_fused[key]
 
     def _meta(self, device: torch.device) -> tuple[Tensor, Tensor]:
         if device not in self._meta_cache:
@@ -203,12 +156,7 @@ class SmallFCLOpt(Optimizer):
                     f"parameter of shape {tuple(p.shape)} needs {sorted(expected)}"
                 )
             for key, shape in expected.items():
-                value = got[key]
-                if not isinstance(value, Tensor) or tuple(value.shape) != tuple(shape):
-                    raise ValueError(
-                        f"load_state_dict: state[{key!r}] of parameter {pid} should be a tensor "
-                        f"of shape {tuple(shape)}, got {getattr(value, 'shape', type(value))}"
-                    )
+                check_state_tensor(got[key], shape, f"state[{key!r}] of parameter {pid}")
             restored[p] = {
                 key: got[key].detach().to(device=p.device, dtype=torch.float32, copy=True)
                 for key in expected
@@ -217,17 +165,7 @@ class SmallFCLOpt(Optimizer):
         for p, state in restored.items():
             self.state[p] = state
         for group in self.param_groups:
-            _place_lr(group)
-
-
-def _place_lr(group: dict[str, Any]) -> None:
-    """Makes group["lr"] a float32 0-d tensor, on the parameters' device when they share one."""
-    lr = group["lr"]
-    lr = lr.detach().reshape(()).float() if isinstance(lr, Tensor) else torch.tensor(float(lr))
-    devices = {p.device for p in group["params"]}
-    if len(devices) == 1:
-        lr = lr.to(next(iter(devices)))
-    group["lr"] = lr
+            place_lr(group)
 
 
 def _buckets(params, grads, momentum, rms, fac_row, fac_col, fac_diag, steps):
@@ -247,16 +185,3 @@ def _buckets(params, grads, momentum, rms, fac_row, fac_col, fac_diag, steps):
             di += 1
         b[7].append(steps[i])
     return out
-
-
-def _check_lr(lr, name):
-    value = lr.item() if isinstance(lr, Tensor) and lr.numel() == 1 else lr
-    if isinstance(lr, Tensor) and lr.numel() != 1:
-        raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(lr.shape)}")
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {lr!r}")
-
-
-def _check_weight_decay(wd, name):
-    if not isinstance(wd, (int, float)) or not math.isfinite(wd) or wd < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {wd!r}")

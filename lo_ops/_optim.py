@@ -1,0 +1,105 @@
+"""What the lo_ops optimizers share: argument checks, ``lr`` as a tensor, fused-kernel choice."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+logger = logging.getLogger(__name__)
+
+
+class LearnedOptimizer(Optimizer):
+    """A ``torch.optim.Optimizer`` whose step runs lo_ops' fused ops (or their reference).
+
+    Subclasses set ``_ops`` (the op names the step needs) and may extend ``add_param_group``.
+    """
+
+    _ops: tuple[str, ...] = ()
+
+    def __init__(self, params, defaults: dict[str, Any], fused: bool | None):
+        if fused not in (None, True, False):
+            raise ValueError(f"fused must be None, True or False, got {fused!r}")
+        self.fused = fused
+        self._use_fused: dict[str, bool] = {}
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        gi = len(self.param_groups) - 1
+        name = type(self).__name__
+        check_lr(group["lr"], f"param_groups[{gi}]['lr']")
+        check_weight_decay(group["weight_decay"], f"param_groups[{gi}]['weight_decay']")
+        if isinstance(group["lr"], Tensor):  # a private copy: groups' schedulers must not alias
+            group["lr"] = group["lr"].detach().clone()
+        for pi, p in enumerate(group["params"]):
+            if p.is_complex():
+                raise ValueError(
+                    f"{name} does not support complex parameters (param_groups[{gi}], "
+                    f"parameter {pi}, dtype {p.dtype}); view them as real with torch.view_as_real"
+                )
+            if not p.is_floating_point():
+                raise ValueError(
+                    f"{name} needs floating-point parameters (param_groups[{gi}], "
+                    f"parameter {pi}, dtype {p.dtype})"
+                )
+            self._fused_for(p.device)
+        place_lr(group)
+
+    def _fused_for(self, device: torch.device) -> bool:
+        """Whether the fused kernels serve ``device`` (decided once per device type)."""
+        key = device.type
+        if key not in self._use_fused:
+            from . import has_kernel
+
+            name = type(self).__name__
+            missing = [op for op in self._ops if not has_kernel(op, key)]
+            if self.fused is True and missing:
+                raise RuntimeError(
+                    f"{name}(fused=True): lo_ops was built without a {key} kernel for "
+                    f"{', '.join(missing)}; use fused=None to fall back to the reference implementation"
+                )
+            use = not missing and self.fused is not False
+            if not use and self.fused is None:
+                logger.warning(
+                    "%s: no fused %s kernel in this build; %s parameters use the "
+                    "(slower) pure-PyTorch reference", name, key, key,
+                )
+            self._use_fused[key] = use
+        return self._use_fused[key]
+
+
+def place_lr(group: dict[str, Any]) -> None:
+    """Makes group["lr"] a float32 0-d tensor, on the parameters' device when they share one."""
+    lr = group["lr"]
+    lr = lr.detach().reshape(()).float() if isinstance(lr, Tensor) else torch.tensor(float(lr))
+    devices = {p.device for p in group["params"]}
+    if len(devices) == 1:
+        lr = lr.to(next(iter(devices)))
+    group["lr"] = lr
+
+
+def check_lr(lr, name):
+    value = lr.item() if isinstance(lr, Tensor) and lr.numel() == 1 else lr
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(lr.shape)}")
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {lr!r}")
+
+
+def check_weight_decay(wd, name):
+    if not isinstance(wd, (int, float)) or not math.isfinite(wd) or wd < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {wd!r}")
+
+
+def check_state_tensor(value, expected_shape, what: str) -> None:
+    if not isinstance(value, Tensor) or tuple(value.shape) != tuple(expected_shape):
+        raise ValueError(
+            f"load_state_dict: {what} should be a tensor of shape {tuple(expected_shape)}, "
+            f"got {getattr(value, 'shape', type(value))}"
+        )
