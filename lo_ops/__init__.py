@@ -8,8 +8,19 @@ from . import _C  # noqa: F401  (registers the lo_ops ops and their CPU/CUDA ker
 from . import meta_kernels  # noqa: F401  (registers the fake kernels)
 from .networks import SmallFCLOptNetwork, load_small_fc_lopt_network
 from .small_fc_lopt import SmallFCLOpt
+from .velo import VeLO
+from .velo_networks import VeLONetwork, convert_velo, load_velo_network
 
-__all__ = ["SmallFCLOpt", "SmallFCLOptNetwork", "load_small_fc_lopt_network", "has_kernel"]
+__all__ = [
+    "SmallFCLOpt",
+    "SmallFCLOptNetwork",
+    "VeLO",
+    "VeLONetwork",
+    "convert_velo",
+    "has_kernel",
+    "load_small_fc_lopt_network",
+    "load_velo_network",
+]
 __version__ = "0.1.0"
 
 
@@ -21,4 +32,7 @@ def has_kernel(op: str, device_type: str) -> bool:
     key = _DISPATCH_KEYS.get(device_type)
     if key is None:
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"lo_ops::{op}", key)
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"lo_ops::{op}", key)
+    except RuntimeError:  # no such operator in this build
+        return False

@@ -51,6 +51,43 @@ class LearnedOptimizer(Optimizer):
             self._fused_for(p.device)
         place_lr(group)
 
+    def _expected_state(self, p: Tensor) -> dict[str, tuple[int, ...]]:
+        """The state keys of parameter ``p`` and their shapes (all float32)."""
+        raise NotImplementedError
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # torch.optim casts floating state to the parameter dtype; ours stays float32. The
+        # saved state is checked before anything is replaced, so a bad state dict changes nothing.
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups) or any(
+            len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)
+        ):
+            super().load_state_dict(state_dict)  # raises torch.optim's error for this mismatch
+        saved_ids = [i for g in saved_groups for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        restored = {}
+        for pid, p in zip(saved_ids, params):
+            if pid not in state_dict["state"]:
+                continue
+            got = state_dict["state"][pid]
+            expected = self._expected_state(p)
+            if set(got) != set(expected):
+                raise ValueError(
+                    f"load_state_dict: state of parameter {pid} has keys {sorted(got)}, but a "
+                    f"parameter of shape {tuple(p.shape)} needs {sorted(expected)}"
+                )
+            for key, shape in expected.items():
+                check_state_tensor(got[key], shape, f"state[{key!r}] of parameter {pid}")
+            restored[p] = {
+                key: got[key].detach().to(device=p.device, dtype=torch.float32, copy=True)
+                for key in expected
+            }
+        super().load_state_dict(state_dict)
+        for p, state in restored.items():
+            self.state[p] = state
+        for group in self.param_groups:
+            place_lr(group)
+
     def _fused_for(self, device: torch.device) -> bool:
         """Whether the fused kernels serve ``device`` (decided once per device type)."""
         key = device.type

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from . import reference
 from ._layout import effective_decays, state_shapes
-from ._optim import LearnedOptimizer, check_lr, check_state_tensor, check_weight_decay, place_lr
+from ._optim import LearnedOptimizer, check_lr, check_weight_decay
 from .networks import check_decay_offsets, load_small_fc_lopt_network
 
 
@@ -134,38 +134,8 @@ class SmallFCLOpt(LearnedOptimizer):
                    self.exp_mult)
         return loss
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # torch.optim casts floating state to the parameter dtype; ours stays float32. The
-        # saved state is checked before anything is replaced, so a bad state dict changes nothing.
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups) or any(
-            len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)
-        ):
-            super().load_state_dict(state_dict)  # raises torch.optim's error for this mismatch
-        saved_ids = [i for g in saved_groups for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        restored = {}
-        for pid, p in zip(saved_ids, params):
-            if pid not in state_dict["state"]:
-                continue
-            got = state_dict["state"][pid]
-            expected = {"step": ()} | state_shapes(p.shape)
-            if set(got) != set(expected):
-                raise ValueError(
-                    f"load_state_dict: state of parameter {pid} has keys {sorted(got)}, but a "
-                    f"parameter of shape {tuple(p.shape)} needs {sorted(expected)}"
-                )
-            for key, shape in expected.items():
-                check_state_tensor(got[key], shape, f"state[{key!r}] of parameter {pid}")
-            restored[p] = {
-                key: got[key].detach().to(device=p.device, dtype=torch.float32, copy=True)
-                for key in expected
-            }
-        super().load_state_dict(state_dict)
-        for p, state in restored.items():
-            self.state[p] = state
-        for group in self.param_groups:
-            place_lr(group)
+    def _expected_state(self, p: Tensor) -> dict[str, tuple[int, ...]]:
+        return {"step": ()} | state_shapes(p.shape)
 
 
 def _buckets(params, grads, momentum, rms, fac_row, fac_col, fac_diag, steps):

@@ -32,3 +32,23 @@ def small_fc_lopt_fixture_dir():
 def small_fc_lopt_fixture_offsets():
     raw = json.loads(_need(FIXTURES / "small_fc_lopt_init" / "decay_offsets.json").read_text())
     return {"momentum": raw["momentum_decays"], "rms": raw["rms_decays"], "adafactor": raw["adafactor_decays"]}
+
+
+@pytest.fixture(scope="session")
+def velo_vectors():
+    from safetensors.torch import load_file
+
+    meta = json.loads(_need(VECTORS / "velo_init.json").read_text())
+    return meta, load_file(str(_need(VECTORS / "velo_init.safetensors")))
+
+
+VELO_FIXTURES = {
+    "pylo": lambda: _need(FIXTURES / "velo_init" / "pylo_hub"),
+    "jax": lambda: _need(FIXTURES / "velo_init" / "jax" / "params.msgpack"),
+}
+
+
+@pytest.fixture(scope="session", params=sorted(VELO_FIXTURES))
+def velo_fixture(request):
+    """The VeLO test meta-weights, through each external layout."""
+    return VELO_FIXTURES[request.param]()

@@ -1,0 +1,276 @@
+"""``lo_ops.VeLO``: Google's VeLO learned optimizer as a torch.optim.Optimizer."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import velo_reference as ref
+from ._layout import VELO_LOSS_BUFFER, VELO_LSTM_HIDDEN, VELO_RMIN_INIT, state_shapes
+from ._optim import LearnedOptimizer, check_lr, check_weight_decay
+from .velo_networks import VeLONetwork, load_velo_network
+
+logger = logging.getLogger(__name__)
+
+_GLOBAL_STATE = {
+    "iteration": (),
+    "loss_means": (VELO_LOSS_BUFFER,),
+    "loss_running_min": (VELO_LOSS_BUFFER,),
+}
+
+
+class VeLO(LearnedOptimizer):
+    """VeLO (``HyperV2``): a per-tensor LSTM sets the weights of a per-element 30-4-4-3 MLP.
+
+    Each step (spec section 3): the loss buffer takes the step's loss; the 30 LSTM inputs of
+    every tensor come from one fused reduction; the LSTM, its cross-tensor max-pool and the
+    blending of the 256 MLP weight sets run batched over all tensors; then one fused op per
+    (param group, dtype) updates the accumulators and parameters.
+
+    Args:
+        params: parameters or param groups (group keys: ``lr``, ``weight_decay``). All on one
+            device: VeLO pools over all tensors.
+        num_steps: the training horizon (total number of steps planned); VeLO's time features
+            and loss buffer depend on it.
+        lr: multiplies every step (``lr = 1`` reproduces the original); a 0-d tensor, so LR
+            schedulers change it without recompiling a compiled ``step``.
+        weight_decay: decoupled, ``p <- p - lr * weight_decay * p`` after the update (not
+            scaled by VeLO's per-tensor ``lr_mult``).
+        pretrained: the meta-weights (required; lo_ops does not ship VeLO's): Google's
+            flax-msgpack checkpoint file, a directory with PyLO's ``VeLO_RNN/`` and
+            ``VeLO_MLP/``, a pair of PyLO Hub repo ids ``(rnn, mlp)``, a directory or Hub repo
+            in lo_ops' layout (see ``python -m lo_ops convert``), or a ``VeLONetwork``.
+        step_mult, exp_mult: override the checkpoint's (0.001 each for VeLO).
+        capturable: kept for torch.optim compatibility; every path reads ``lr``, the loss and
+            the step count from tensors on the parameters' device.
+        fused: None uses the fused kernels where the device has them and the reference
+            otherwise (logged once); True requires them; False uses the reference.
+
+    ``step(closure=None, *, loss=None)`` needs the loss, from the closure or the keyword (a
+    0-d tensor; a Python float works but a compiled step then recompiles per value).
+    Parameters without ``.grad`` (and empty ones) are skipped: their state is unchanged and
+    they are left out of the cross-tensor max-pool. If the loss or any gradient is not finite
+    the whole step is skipped (parameters and all state unchanged, the step not counted),
+    decided on the device without a host sync, as ``torch.amp.GradScaler`` does. Finite
+    gradients are clipped to [-1000, 1000] as in the original.
+    """
+
+    _ops = ("velo_lstm_input", "velo_step_")
+
+    def __init__(
+        self,
+        params,
+        num_steps: int,
+        lr: float | Tensor = 1.0,
+        weight_decay: float = 0.0,
+        *,
+        pretrained: str | os.PathLike | tuple | VeLONetwork | None = None,
+        step_mult: float | None = None,
+        exp_mult: float | None = None,
+        capturable: bool = False,
+        fused: bool | None = None,
+        revision: str | None = None,
+    ):
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps (the training horizon) must be an int >= 1, got {num_steps!r}")
+        check_lr(lr, "lr")
+        check_weight_decay(weight_decay, "weight_decay")
+        network, layout = load_velo_network(pretrained, revision=revision)
+        self.network = network
+        self.layout = layout
+        self.num_steps = num_steps
+        self.step_mult = float(network.step_mult if step_mult is None else step_mult)
+        self.exp_mult = float(network.exp_mult if exp_mult is None else exp_mult)
+        for name, value in (("step_mult", self.step_mult), ("exp_mult", self.exp_mult)):
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value}")
+        self._device: torch.device | None = None
+        self.velo_state: dict[str, Tensor] = {}
+        defaults = dict(lr=lr, weight_decay=weight_decay, capturable=capturable, fused=fused)
+        super().__init__(params, defaults, fused)
+
+    # -- param groups and device ----------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        for p in self.param_groups[-1]["params"]:
+            self._bind_device(p.device)
+
+    def _bind_device(self, device: torch.device) -> None:
+        if self._device is None:
+            self._device = device
+            # Everything the step reads is created now, so a compiled step finds it unchanged.
+            self._net = copy.deepcopy(self.network).to(device).requires_grad_(False)
+            self._mlp_sets = self._net.packed_mlp_sets()
+            self._loss_decays = ref.loss_buffer_decays(self.num_steps).to(device)
+            self.velo_state = {
+                "iteration": torch.zeros((), dtype=torch.float32, device=device),
+                "loss_means": torch.zeros(VELO_LOSS_BUFFER, dtype=torch.float32, device=device),
+                "loss_running_min": torch.full(
+                    (VELO_LOSS_BUFFER,), VELO_RMIN_INIT, dtype=torch.float32, device=device
+                ),
+            }
+        elif device != self._device:
+            raise ValueError(
+                f"VeLO keeps all its parameters on one device (its LSTM pools over all tensors); "
+                f"got parameters on {self._device} and on {device}"
+            )
+
+    # -- state ---------------------------------------------------------------------------------
+    def _expected_state(self, p: Tensor) -> dict[str, tuple[int, ...]]:
+        return state_shapes(p.shape) | {
+            "lstm_hidden": (VELO_LSTM_HIDDEN,),
+            "lstm_cell": (VELO_LSTM_HIDDEN,),
+        }
+
+    def _init_group(self, group, params, grads, momentum, rms, fac_row, fac_col, fac_diag,
+                    hidden, cell):
+        for i, p in enumerate(group["params"]):
+            if p.grad is None or p.numel() == 0:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    "VeLO does not support sparse gradients (parameter "
+                    f"{i} of its param group, shape {tuple(p.shape)}); use a dense gradient"
+                )
+            state = self.state[p]
+            if len(state) == 0:
+                for key, shape in state_shapes(p.shape).items():
+                    state[key] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+                state["lstm_hidden"] = self._net.init_hidden[0].clone()
+                state["lstm_cell"] = self._net.init_cell[0].clone()
+            params.append(p)
+            grads.append(p.grad)
+            momentum.append(state["momentum"])
+            rms.append(state["rms"])
+            hidden.append(state["lstm_hidden"])
+            cell.append(state["lstm_cell"])
+            if p.dim() >= 2:
+                fac_row.append(state["fac_row"])
+                fac_col.append(state["fac_col"])
+            else:
+                fac_diag.append(state["fac_diag"])
+
+    def _loss_tensor(self, loss) -> Tensor:
+        if isinstance(loss, Tensor):
+            if loss.numel() != 1:
+                raise ValueError(
+                    f"VeLO: the loss must be a scalar (one element), got a tensor of shape {tuple(loss.shape)}"
+                )
+            if loss.is_complex():
+                raise ValueError(f"VeLO: the loss must be real, got {loss.dtype}")
+            return loss.detach().reshape(()).to(device=self._device, dtype=torch.float32)
+        if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+            return torch.tensor(float(loss), dtype=torch.float32, device=self._device)
+        raise TypeError(f"VeLO: the loss must be a scalar tensor or a number, got {type(loss).__name__}")
+
+    @torch.no_grad()
+    def step(self, closure=None, *, loss=None):
+        """One VeLO step. The loss comes from ``closure`` (called with grad enabled) or ``loss``."""
+        closure_loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                closure_loss = closure()
+        if loss is None:
+            loss = closure_loss
+        if loss is None:
+            raise ValueError(
+                "VeLO needs the loss of every step (its LSTM reads the loss history): call "
+                "opt.step(closure) with a closure that returns the loss, or opt.step(loss=loss)"
+            )
+        loss_t = self._loss_tensor(loss) if self._device is not None else None
+        buckets = []
+        for group in self.param_groups:
+            lists = [[] for _ in range(9)]
+            self._init_group(group, *lists)
+            by_dtype: dict[torch.dtype, list[list[Tensor]]] = {}
+            fi = di = 0
+            for i, p in enumerate(lists[0]):
+                b = by_dtype.setdefault(p.dtype, [[] for _ in range(9)])
+                for k in (0, 1, 2, 3, 7, 8):
+                    b[k].append(lists[k][i])
+                if p.dim() >= 2:
+                    b[4].append(lists[4][fi])
+                    b[5].append(lists[5][fi])
+                    fi += 1
+                else:
+                    b[6].append(lists[6][di])
+                    di += 1
+            buckets.extend((group, b) for b in by_dtype.values())
+        if not buckets:
+            return closure_loss
+        fused = self._fused_for(self._device)
+        lstm_input = torch.ops.lo_ops.velo_lstm_input if fused else ref.velo_lstm_input
+        velo_step = torch.ops.lo_ops.velo_step_ if fused else ref.velo_step_
+
+        vs = self.velo_state
+        iteration = vs["iteration"]
+        means, running_min, loss_features = ref.loss_buffer_update(
+            vs["loss_means"], vs["loss_running_min"], iteration, loss_t, self._loss_decays
+        )
+        rows, finite = [], torch.isfinite(loss_t)
+        for _, b in buckets:
+            X, grads_finite = lstm_input(b[0], b[1], b[2], b[3], loss_features, iteration,
+                                         float(self.num_steps))
+            rows.append(X)
+            finite = finite & grads_finite
+        skip = ~finite
+        hidden = [h for _, b in buckets for h in b[7]]
+        cell = [c for _, b in buckets for c in b[8]]
+        old_hidden, old_cell = torch.stack(hidden), torch.stack(cell)
+        new_hidden, new_cell, controls, lr_mult = ref.per_tensor_network(
+            torch.cat(rows), old_hidden, old_cell, self._net
+        )
+        mlp_weights = ref.blend_mlp_weights(controls, self._mlp_sets)
+        start = 0
+        for group, b in buckets:
+            end = start + len(b[0])
+            lr = group["lr"] if group["lr"].device == self._device else group["lr"].to(self._device)
+            velo_step(b[0], b[1], b[2], b[3], b[4], b[5], b[6], lr, mlp_weights[start:end],
+                      lr_mult[start:end], skip, float(group["weight_decay"]), self.step_mult,
+                      self.exp_mult)
+            start = end
+        torch._foreach_copy_(hidden, torch.where(skip, old_hidden, new_hidden).unbind(0))
+        torch._foreach_copy_(cell, torch.where(skip, old_cell, new_cell).unbind(0))
+        vs["loss_means"].copy_(torch.where(skip, vs["loss_means"], means))
+        vs["loss_running_min"].copy_(torch.where(skip, vs["loss_running_min"], running_min))
+        iteration.add_(finite.float())
+        return closure_loss
+
+    # -- state_dict ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's layout (per-parameter state, LSTM state included) plus ``"velo"``: the
+        loss buffer, the step count and the horizon."""
+        out = super().state_dict()
+        out["velo"] = {k: v.detach().clone() for k, v in self.velo_state.items()}
+        out["velo"]["num_steps"] = self.num_steps
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "velo" not in state_dict:
+            raise ValueError(
+                "load_state_dict: this is not a VeLO state dict (it has no 'velo' entry with "
+                "the loss buffer and step count)"
+            )
+        saved = state_dict["velo"]
+        for key, shape in _GLOBAL_STATE.items():
+            value = saved.get(key)
+            if not isinstance(value, Tensor) or tuple(value.shape) != shape:
+                raise ValueError(
+                    f"load_state_dict: state_dict['velo'][{key!r}] should be a tensor of shape "
+                    f"{shape}, got {getattr(value, 'shape', type(value))}"
+                )
+        if saved.get("num_steps") != self.num_steps:
+            logger.warning(
+                "VeLO.load_state_dict: the state was saved with num_steps=%s; continuing with "
+                "this optimizer's num_steps=%s", saved.get("num_steps"), self.num_steps,
+            )
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "velo"})
+        if self._device is not None:
+            for key in _GLOBAL_STATE:
+                self.velo_state[key].copy_(saved[key].to(dtype=torch.float32))
