@@ -6,7 +6,9 @@
 
 #include <string>
 
-#include "small_fc_lopt.h"
+#include "checks.h"
+#include "small_fc_lopt_math.h"
+#include "velo_math.h"
 
 extern "C" {
 // The extension is loaded for its op registrations only; it exposes no Python functions.
@@ -27,128 +29,193 @@ std::string shape_str(const std::vector<int64_t>& s) {
   return out + "]";
 }
 
-void check_state(const at::Tensor& t, const char* name, int64_t i, const at::Tensor& param,
-                 const std::vector<int64_t>& expected) {
-  TORCH_CHECK(t.device() == param.device(), "small_fc_lopt_step_: ", name, "[", i, "] is on ",
-              t.device(), " but its parameter is on ", param.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "small_fc_lopt_step_: ", name, "[", i,
+void check_state(const char* op, const at::Tensor& t, const char* name, int64_t i,
+                 const at::Tensor& param, const std::vector<int64_t>& expected) {
+  TORCH_CHECK(t.device() == param.device(), op, ": ", name, "[", i, "] is on ", t.device(),
+              " but its parameter is on ", param.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, "[", i,
               "] must be float32 (optimizer state is kept in float32), got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), "small_fc_lopt_step_: ", name, "[", i, "] must be contiguous");
-  TORCH_CHECK(sizes_of(t) == expected, "small_fc_lopt_step_: ", name, "[", i, "] has shape ",
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, "[", i, "] must be contiguous");
+  TORCH_CHECK(sizes_of(t) == expected, op, ": ", name, "[", i, "] has shape ",
               shape_str(sizes_of(t)), " but a parameter of shape ", shape_str(sizes_of(param)),
               " needs ", shape_str(expected));
 }
 
 std::vector<int64_t> with_channels(const std::vector<int64_t>& s) {
-  std::vector<int64_t> out{small_fc_lopt::kMomentumChannels};
+  std::vector<int64_t> out{kMomentumChannels};
   out.insert(out.end(), s.begin(), s.end());
   return out;
 }
+
+void check_lr(const char* op, const at::Tensor& lr, const at::Device& device) {
+  TORCH_CHECK(lr.numel() == 1 && lr.is_floating_point(), op,
+              ": lr must be a floating-point tensor with one element, got ", lr.scalar_type(),
+              " of shape ", shape_str(sizes_of(lr)));
+  TORCH_CHECK(lr.device() == device, op, ": lr is on ", lr.device(),
+              " but the parameters are on ", device);
+}
+
+// A contiguous float32 tensor of exactly `shape` on `device`.
+void check_float_tensor(const char* op, const char* name, const at::Tensor& t,
+                        const std::vector<int64_t>& shape, const at::Device& device) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && sizes_of(t) == shape && t.is_contiguous() &&
+                  t.device() == device,
+              op, ": ", name, " must be a contiguous float32 tensor of shape ", shape_str(shape),
+              " on ", device, ", got ", t.scalar_type(), " of shape ", shape_str(sizes_of(t)),
+              " on ", t.device(), t.is_contiguous() ? "" : " (not contiguous)");
+}
+
 }  // namespace
 
-std::vector<SmallFCLOptTensorInfo> check_small_fc_lopt_inputs(
-    at::TensorList params, at::TensorList grads, at::TensorList momentum, at::TensorList rms,
-    at::TensorList fac_row, at::TensorList fac_col, at::TensorList fac_diag,
-    at::TensorList state_steps, const at::Tensor& lr, const at::Tensor& meta_weights,
-    const at::Tensor& decays) {
+std::vector<TensorInfo> check_accumulator_inputs(const char* op, at::TensorList params,
+                                                 at::TensorList grads, at::TensorList momentum,
+                                                 at::TensorList rms, at::TensorList fac_row,
+                                                 at::TensorList fac_col,
+                                                 at::TensorList fac_diag) {
   const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && momentum.size() == n && rms.size() == n &&
-                  state_steps.size() == n,
-              "small_fc_lopt_step_: params, grads, momentum, rms and state_steps must have the "
-              "same length, got ",
-              n, ", ", grads.size(), ", ", momentum.size(), ", ", rms.size(), ", ",
-              state_steps.size());
-  TORCH_CHECK(fac_row.size() == fac_col.size(),
-              "small_fc_lopt_step_: fac_row and fac_col must have the same length, got ",
-              fac_row.size(), " and ", fac_col.size());
-  std::vector<SmallFCLOptTensorInfo> infos(n);
+  TORCH_CHECK(grads.size() == n && momentum.size() == n && rms.size() == n, op,
+              ": params, grads, momentum and rms must have the same length, got ", n, ", ",
+              grads.size(), ", ", momentum.size(), ", ", rms.size());
+  TORCH_CHECK(fac_row.size() == fac_col.size(), op,
+              ": fac_row and fac_col must have the same length, got ", fac_row.size(), " and ",
+              fac_col.size());
+  std::vector<TensorInfo> infos(n);
   if (n == 0) {
-    TORCH_CHECK(fac_row.empty() && fac_diag.empty(),
-                "small_fc_lopt_step_: factored/diagonal state given for no parameters");
+    TORCH_CHECK(fac_row.empty() && fac_diag.empty(), op,
+                ": factored/diagonal state given for no parameters");
     return infos;
   }
   const auto device = params[0].device();
   const auto dtype = params[0].scalar_type();
-  TORCH_CHECK(lr.numel() == 1 && lr.is_floating_point(),
-              "small_fc_lopt_step_: lr must be a floating-point tensor with one element, got ",
-              lr.scalar_type(), " of shape ", shape_str(sizes_of(lr)));
-  TORCH_CHECK(lr.device() == device, "small_fc_lopt_step_: lr is on ", lr.device(),
-              " but the parameters are on ", device);
-  TORCH_CHECK(meta_weights.scalar_type() == at::kFloat && meta_weights.dim() == 1 &&
-                  meta_weights.numel() == small_fc_lopt::kPackedWeights &&
-                  meta_weights.is_contiguous() && meta_weights.device() == device,
-              "small_fc_lopt_step_: meta_weights must be a contiguous float32 vector of ",
-              small_fc_lopt::kPackedWeights, " elements on ", device, ", got ",
-              meta_weights.scalar_type(), " of shape ", shape_str(sizes_of(meta_weights)),
-              " on ", meta_weights.device());
-  TORCH_CHECK(decays.scalar_type() == at::kFloat && decays.dim() == 1 &&
-                  decays.numel() == small_fc_lopt::kDecays && decays.is_contiguous() &&
-                  decays.device() == device,
-              "small_fc_lopt_step_: decays must be a contiguous float32 vector of ",
-              small_fc_lopt::kDecays, " elements on ", device, ", got ",
-              decays.scalar_type(), " of shape ", shape_str(sizes_of(decays)), " on ",
-              decays.device());
   size_t n_factored = 0, n_diag = 0;
   for (size_t i = 0; i < n; ++i) {
     const auto& p = params[i];
     const auto& g = grads[i];
-    TORCH_CHECK(p.device() == device, "small_fc_lopt_step_: params[", i, "] is on ", p.device(),
+    TORCH_CHECK(p.device() == device, op, ": params[", i, "] is on ", p.device(),
                 " but params[0] is on ", device, "; one call takes the tensors of one device");
-    TORCH_CHECK(p.scalar_type() == dtype, "small_fc_lopt_step_: params[", i, "] is ",
-                p.scalar_type(), " but params[0] is ", dtype,
-                "; one call takes the tensors of one dtype");
-    TORCH_CHECK(at::isFloatingType(p.scalar_type()), "small_fc_lopt_step_: params[", i,
+    TORCH_CHECK(p.scalar_type() == dtype, op, ": params[", i, "] is ", p.scalar_type(),
+                " but params[0] is ", dtype, "; one call takes the tensors of one dtype");
+    TORCH_CHECK(at::isFloatingType(p.scalar_type()), op, ": params[", i,
                 "] must be a real floating-point tensor, got ", p.scalar_type());
-    TORCH_CHECK(p.layout() == at::kStrided, "small_fc_lopt_step_: params[", i,
+    TORCH_CHECK(p.layout() == at::kStrided, op, ": params[", i,
                 "] must be a dense (strided) tensor");
-    TORCH_CHECK(!g.is_sparse(), "small_fc_lopt_step_: grads[", i,
-                "] is sparse; small_fc_lopt needs dense gradients");
-    TORCH_CHECK(g.layout() == at::kStrided, "small_fc_lopt_step_: grads[", i,
+    TORCH_CHECK(!g.is_sparse(), op, ": grads[", i, "] is sparse; dense gradients are needed");
+    TORCH_CHECK(g.layout() == at::kStrided, op, ": grads[", i,
                 "] must be a dense (strided) tensor");
-    TORCH_CHECK(g.device() == device, "small_fc_lopt_step_: grads[", i, "] is on ", g.device(),
+    TORCH_CHECK(g.device() == device, op, ": grads[", i, "] is on ", g.device(),
                 " but its parameter is on ", device);
-    TORCH_CHECK(g.scalar_type() == dtype, "small_fc_lopt_step_: grads[", i, "] is ",
-                g.scalar_type(), " but its parameter is ", dtype);
-    TORCH_CHECK(g.sizes() == p.sizes(), "small_fc_lopt_step_: grads[", i, "] has shape ",
+    TORCH_CHECK(g.scalar_type() == dtype, op, ": grads[", i, "] is ", g.scalar_type(),
+                " but its parameter is ", dtype);
+    TORCH_CHECK(g.sizes() == p.sizes(), op, ": grads[", i, "] has shape ",
                 shape_str(sizes_of(g)), " but its parameter has shape ",
                 shape_str(sizes_of(p)));
     const auto s = sizes_of(p);
     auto& info = infos[i];
     info.numel = p.numel();
     info.factored = p.dim() >= 2;
-    check_state(momentum[i], "momentum", i, p, with_channels(s));
-    check_state(rms[i], "rms", i, p, s);
-    const auto& step = state_steps[i];
-    TORCH_CHECK(step.numel() == 1 && step.scalar_type() == at::kFloat &&
-                    step.device() == device,
-                "small_fc_lopt_step_: state_steps[", i,
-                "] must be a float32 tensor with one element on ", device, ", got ",
-                step.scalar_type(), " of shape ", shape_str(sizes_of(step)), " on ",
-                step.device());
+    check_state(op, momentum[i], "momentum", i, p, with_channels(s));
+    check_state(op, rms[i], "rms", i, p, s);
     if (info.factored) {
-      TORCH_CHECK(n_factored < fac_row.size(), "small_fc_lopt_step_: params has more tensors "
-                  "with ndim >= 2 than fac_row/fac_col have entries (", fac_row.size(), ")");
+      TORCH_CHECK(n_factored < fac_row.size(), op, ": params has more tensors with ndim >= 2 "
+                  "than fac_row/fac_col have entries (", fac_row.size(), ")");
       info.geo = factored_geometry(s);
       info.state_index = static_cast<int64_t>(n_factored);
-      check_state(fac_row[n_factored], "fac_row", n_factored, p,
+      check_state(op, fac_row[n_factored], "fac_row", n_factored, p,
                   with_channels(drop_axis(s, info.geo.d0)));
-      check_state(fac_col[n_factored], "fac_col", n_factored, p,
+      check_state(op, fac_col[n_factored], "fac_col", n_factored, p,
                   with_channels(drop_axis(s, info.geo.d1)));
       ++n_factored;
     } else {
-      TORCH_CHECK(n_diag < fac_diag.size(), "small_fc_lopt_step_: params has more tensors "
-                  "with ndim < 2 than fac_diag has entries (", fac_diag.size(), ")");
+      TORCH_CHECK(n_diag < fac_diag.size(), op, ": params has more tensors with ndim < 2 than "
+                  "fac_diag has entries (", fac_diag.size(), ")");
       info.state_index = static_cast<int64_t>(n_diag);
-      check_state(fac_diag[n_diag], "fac_diag", n_diag, p, with_channels(s));
+      check_state(op, fac_diag[n_diag], "fac_diag", n_diag, p, with_channels(s));
       ++n_diag;
     }
   }
-  TORCH_CHECK(n_factored == fac_row.size(), "small_fc_lopt_step_: fac_row/fac_col have ",
-              fac_row.size(), " entries but params has ", n_factored,
-              " tensors with ndim >= 2");
-  TORCH_CHECK(n_diag == fac_diag.size(), "small_fc_lopt_step_: fac_diag has ", fac_diag.size(),
+  TORCH_CHECK(n_factored == fac_row.size(), op, ": fac_row/fac_col have ", fac_row.size(),
+              " entries but params has ", n_factored, " tensors with ndim >= 2");
+  TORCH_CHECK(n_diag == fac_diag.size(), op, ": fac_diag has ", fac_diag.size(),
               " entries but params has ", n_diag, " tensors with ndim < 2");
   return infos;
+}
+
+std::vector<TensorInfo> check_small_fc_lopt_inputs(
+    at::TensorList params, at::TensorList grads, at::TensorList momentum, at::TensorList rms,
+    at::TensorList fac_row, at::TensorList fac_col, at::TensorList fac_diag,
+    at::TensorList state_steps, const at::Tensor& lr, const at::Tensor& meta_weights,
+    const at::Tensor& decays) {
+  constexpr const char* op = "small_fc_lopt_step_";
+  TORCH_CHECK(state_steps.size() == params.size(), op,
+              ": params and state_steps must have the same length, got ", params.size(),
+              " and ", state_steps.size());
+  auto infos =
+      check_accumulator_inputs(op, params, grads, momentum, rms, fac_row, fac_col, fac_diag);
+  if (params.empty()) return infos;
+  const auto device = params[0].device();
+  check_lr(op, lr, device);
+  check_float_tensor(op, "meta_weights", meta_weights, {small_fc_lopt::kPackedWeights}, device);
+  check_float_tensor(op, "decays", decays, {kDecays}, device);
+  for (size_t i = 0; i < state_steps.size(); ++i) {
+    const auto& step = state_steps[i];
+    TORCH_CHECK(step.numel() == 1 && step.scalar_type() == at::kFloat &&
+                    step.device() == device,
+                op, ": state_steps[", i, "] must be a float32 tensor with one element on ",
+                device, ", got ", step.scalar_type(), " of shape ", shape_str(sizes_of(step)),
+                " on ", step.device());
+  }
+  return infos;
+}
+
+std::vector<TensorInfo> check_velo_step_inputs(
+    at::TensorList params, at::TensorList grads, at::TensorList momentum, at::TensorList rms,
+    at::TensorList fac_row, at::TensorList fac_col, at::TensorList fac_diag, const at::Tensor& lr,
+    const at::Tensor& mlp_weights, const at::Tensor& lr_mult, const at::Tensor& skip) {
+  constexpr const char* op = "velo_step_";
+  auto infos =
+      check_accumulator_inputs(op, params, grads, momentum, rms, fac_row, fac_col, fac_diag);
+  const int64_t n = static_cast<int64_t>(params.size());
+  const auto device = n > 0 ? params[0].device() : mlp_weights.device();
+  check_lr(op, lr, device);
+  check_float_tensor(op, "mlp_weights", mlp_weights, {n, velo::kPackedWeights}, device);
+  check_float_tensor(op, "lr_mult", lr_mult, {n}, device);
+  TORCH_CHECK(skip.scalar_type() == at::kBool && skip.numel() == 1 && skip.device() == device,
+              op, ": skip must be a bool tensor with one element on ", device, ", got ",
+              skip.scalar_type(), " of shape ", shape_str(sizes_of(skip)), " on ",
+              skip.device());
+  return infos;
+}
+
+void check_velo_lstm_input_inputs(at::TensorList params, at::TensorList grads,
+                                  at::TensorList momentum, at::TensorList rms,
+                                  const at::Tensor& loss_features, const at::Tensor& iteration,
+                                  double num_steps) {
+  constexpr const char* op = "velo_lstm_input";
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && momentum.size() == n && rms.size() == n, op,
+              ": params, grads, momentum and rms must have the same length, got ", n, ", ",
+              grads.size(), ", ", momentum.size(), ", ", rms.size());
+  TORCH_CHECK(num_steps > 0, op, ": num_steps must be > 0, got ", num_steps);
+  const auto device = n > 0 ? params[0].device() : loss_features.device();
+  check_float_tensor(op, "loss_features", loss_features, {velo::kLossFeatures}, device);
+  TORCH_CHECK(iteration.numel() == 1 && iteration.scalar_type() == at::kFloat &&
+                  iteration.device() == device,
+              op, ": iteration must be a float32 tensor with one element on ", device, ", got ",
+              iteration.scalar_type(), " of shape ", shape_str(sizes_of(iteration)), " on ",
+              iteration.device());
+  for (size_t i = 0; i < n; ++i) {
+    const auto& p = params[i];
+    TORCH_CHECK(p.device() == device, op, ": params[", i, "] is on ", p.device(),
+                " but params[0] is on ", device);
+    TORCH_CHECK(at::isFloatingType(p.scalar_type()) && p.layout() == at::kStrided, op,
+                ": params[", i, "] must be a dense real floating-point tensor");
+    TORCH_CHECK(grads[i].layout() == at::kStrided && grads[i].device() == device &&
+                    grads[i].scalar_type() == p.scalar_type() && grads[i].sizes() == p.sizes(),
+                op, ": grads[", i, "] must be a dense ", p.scalar_type(), " tensor of shape ",
+                shape_str(sizes_of(p)), " on ", device);
+    check_state(op, momentum[i], "momentum", i, p, with_channels(sizes_of(p)));
+    check_state(op, rms[i], "rms", i, p, sizes_of(p));
+  }
 }
 
 TORCH_LIBRARY(lo_ops, m) {
@@ -163,6 +230,25 @@ TORCH_LIBRARY(lo_ops, m) {
       "Tensor(c!)[] rms, Tensor(d!)[] fac_row, Tensor(e!)[] fac_col, Tensor(f!)[] fac_diag, "
       "Tensor(g!)[] state_steps, Tensor lr, Tensor meta_weights, Tensor decays, "
       "float weight_decay, float step_mult, float exp_mult) -> ()");
+
+  // VeLO's per-tensor LSTM input (spec 3.2) for the tensors of one (device, dtype) bucket, read
+  // before the step: returns X [T, 30] (float32; the time features from iteration / num_steps,
+  // the 9 loss features as given, then each tensor's statistics of p, momentum and rms) and a
+  // bool scalar, true when every gradient is finite.
+  m.def(
+      "velo_lstm_input(Tensor[] params, Tensor[] grads, Tensor[] momentum, Tensor[] rms, "
+      "Tensor loss_features, Tensor iteration, float num_steps) -> (Tensor, Tensor)");
+
+  // One VeLO per-element step (spec 3.5) for the parameters of one (param group, device,
+  // dtype) bucket: gradients clipped to [-1000, 1000], accumulators as for small_fc_lopt with
+  // VeLO's fixed decays, 30 normalised features, each tensor's own 30-4-4-3 MLP (mlp_weights
+  // [T, 159], packed W0, b0, W1, b1, W2, b2) and lr_mult [T]. When skip (a bool scalar) is
+  // true, nothing is changed.
+  m.def(
+      "velo_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum, "
+      "Tensor(c!)[] rms, Tensor(d!)[] fac_row, Tensor(e!)[] fac_col, Tensor(f!)[] fac_diag, "
+      "Tensor lr, Tensor mlp_weights, Tensor lr_mult, Tensor skip, float weight_decay, "
+      "float step_mult, float exp_mult) -> ()");
 }
 
 }  // namespace lo_ops

@@ -1,4 +1,4 @@
-"""The shared per-element header compiles as CUDA device code (needs nvcc, not a GPU)."""
+"""The shared per-element headers compile as CUDA device code (needs nvcc, not a GPU)."""
 
 import shutil
 import subprocess
@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-def test_small_fc_lopt_math_compiles_for_cuda(tmp_path):
+def test_shared_math_compiles_for_cuda(tmp_path):
     cmd = ["nvcc", "-std=c++17", "-O2", f"-I{ROOT / 'csrc'}", "-c",
            str(ROOT / "tests" / "cuda" / "header_check.cu"), "-o", str(tmp_path / "check.o")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

@@ -39,7 +39,7 @@ def _recorded_state(t, k, leaf, shape):
     out = {}
     for key, s in shapes.items():
         x = t[f"state.step{k}.{names[key]}.{leaf}"]
-        out[key] = x.movedim(-1, 0).reshape(s).contiguous()
+        out[key] = x.movedim(-1, 0).reshape(s).clone(memory_format=torch.contiguous_format)
     return out
 
 

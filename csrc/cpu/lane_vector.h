@@ -1,7 +1,7 @@
 // The CPU kernels' SIMD types: GCC vectors of floats operated on lane-wise, one per instruction
 // set, each as wide as that set's registers (a wider vector would be lowered through memory):
 // Vec16 (AVX-512), Vec8 (AVX2 + FMA), Vec4 (baseline x86-64 / any other machine). The shared
-// per-element maths of ../small_fc_lopt_math.h is instantiated with them.
+// per-element maths of ../lopt_math.h is instantiated with them.
 #pragma once
 
 #include <cmath>
@@ -9,7 +9,7 @@
 #include <cstring>
 #include <type_traits>
 
-#include "../small_fc_lopt_math.h"
+#include "../lopt_math.h"
 
 namespace lo_ops {
 
@@ -27,10 +27,10 @@ constexpr int kMaxLanes = 16;
 template <typename V>
 LO_HD V exp_lanes_impl(V x) {
   typedef int32_t VI __attribute__((vector_size(sizeof(V))));
-  const V shifter = small_fc_lopt::splat<V>(12582912.0f);  // 1.5 * 2^23: rounds to integer
+  const V shifter = splat<V>(12582912.0f);  // 1.5 * 2^23: rounds to integer
   const V n = (x * 1.44269504088896341f + shifter) - shifter;
   const V r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;  // ln 2 = hi + lo
-  V poly = small_fc_lopt::splat<V>(1.0f / 5040.0f);
+  V poly = splat<V>(1.0f / 5040.0f);
   poly = poly * r + 1.0f / 720.0f;
   poly = poly * r + 1.0f / 120.0f;
   poly = poly * r + 1.0f / 24.0f;
@@ -45,7 +45,6 @@ LO_HD V exp_lanes_impl(V x) {
   return out;
 }
 
-namespace small_fc_lopt {
 template <>
 LO_HD Vec4 exp_lanes<Vec4>(Vec4 x) {
   return exp_lanes_impl(x);
@@ -58,7 +57,6 @@ template <>
 LO_HD Vec16 exp_lanes<Vec16>(Vec16 x) {
   return exp_lanes_impl(x);
 }
-}  // namespace small_fc_lopt
 
 // N tiles side by side: the MLP runs on groups so that every weight it broadcasts feeds N
 // vector FMAs (one broadcast load per N FMAs instead of one per FMA).
@@ -92,15 +90,13 @@ LO_HD LaneGroup<V, N>& operator+=(LaneGroup<V, N>& x, const LaneGroup<V, N>& y) 
 template <typename V, int N>
 LO_HD LaneGroup<V, N> relu(const LaneGroup<V, N>& x) {
   LaneGroup<V, N> out;
-  for (int i = 0; i < N; ++i) out.t[i] = small_fc_lopt::relu(x.t[i]);
+  for (int i = 0; i < N; ++i) out.t[i] = lo_ops::relu(x.t[i]);
   return out;
 }
 
-namespace small_fc_lopt {
 // Output units per block x tiles per group <= 24 vector accumulators.
 template <typename V, int N>
 constexpr int kDenseBlock<LaneGroup<V, N>> = N >= 3 ? 8 : 4;
-}  // namespace small_fc_lopt
 
 // Per instruction set: the vector type and how many tiles the MLP takes at once (AVX-512 has
 // 32 vector registers, AVX2 and SSE 16).

@@ -1,0 +1,714 @@
+// The CPU kernel shared by small_fc_lopt_step_ and velo_step_: Adafactor-style accumulators,
+// normalised per-element features and a small per-element MLP, over a whole bucket of
+// parameters. The optimizer-specific parts (feature layout, MLP sizes, first-layer bias, step
+// scale) come from a policy type P (see SmallFCLOptPolicy and VeLOPolicy).
+//
+// Three passes, each one parallel over a work list that spans all tensors, split between
+// threads by cost (300 small tensors cost a few parallel regions, not 900):
+//   1. factored tensors: row/column means of g^2 update r and c, then the per-row mean of r
+//      gives the row factors (small arrays, kept in a scratch buffer);
+//   2. every element: momentum, rms and diagonal accumulators are updated in place and the
+//      sum of squares of each feature is accumulated per chunk. For a factored tensor only the
+//      element-wise channels are summed here; its row/column channels are sums over r and c
+//      times the length of the broadcast axis;
+//   3. per tensor, the normalisation scales (and P's constant inputs) are folded into the first
+//      layer, and for a factored tensor the row/column channels become per-row and per-column
+//      first-layer contributions; then for every element the features are rebuilt, pushed
+//      through the MLP a few vector-wide tiles of elements at a time, and p is updated.
+// The element loops are compiled for AVX-512, AVX2 and baseline x86-64 with vectors as wide
+// as each set's registers (lane_vector.h); the processor picks one at run time. No [n, F]
+// feature tensor is ever formed. Chunks have a fixed size, and per-chunk partial sums are
+// combined in chunk order, so results do not depend on the number of threads.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "../checks.h"
+#include "../lopt_math.h"
+#include "lane_vector.h"
+
+namespace lo_ops {
+namespace cpu {
+
+constexpr int64_t kChunk = 4096;       // elements per work item of passes 2 and 3
+constexpr int64_t kReduceWork = 16384; // elements per work item of pass 1
+
+template <class P>
+struct TensorWork {
+  TensorInfo info;
+  at::Tensor p;  // contiguous (a copy when the parameter is not)
+  at::Tensor g;  // contiguous
+  float* m = nullptr;
+  float* v = nullptr;
+  float* row = nullptr;   // r (factored) or u (unfactored)
+  float* col = nullptr;   // c (factored)
+  // Scratch of a factored tensor: [3, |r|] and [3, |c|] planes, then [P::kHidden, |r|] and
+  // [P::kHidden, |c|] first-layer contributions of the row and column channels.
+  float* row_rsqrt = nullptr;  // rsqrt(r + 1e-8)
+  float* row_fac = nullptr;    // row_factor
+  float* col_rsqrt = nullptr;  // rsqrt(c + 1e-8)
+  float* col_fac = nullptr;    // col_factor
+  float* row_contrib = nullptr;
+  float* col_contrib = nullptr;
+  const float* weights = nullptr;  // this tensor's MLP, in P's packed layout
+  float t = 0.f;         // steps already taken (small_fc_lopt's time features)
+  float lr_mult = 1.f;   // VeLO's per-tensor step multiplier
+  float step_scale = 0.f;  // step = direction * exp(exp_mult * magnitude) * step_scale
+  int64_t first_chunk = 0;
+  int64_t num_chunks = 0;
+  // First layer with the normalisation folded in: [kHidden, kFeatures] (unfactored) or
+  // [kHidden, kElementFeatures] over the element-wise channels (factored).
+  std::array<float, P::kHidden * P::kFeatures> w0s{};
+  std::array<float, P::kHidden> b0t{};  // first bias plus P's constant inputs
+
+  static int64_t scratch_numel(const TensorInfo& info) {
+    if (!info.factored) return 0;
+    return (2 * kFactoredChannels + P::kHidden) * (info.geo.row_numel() + info.geo.col_numel());
+  }
+  void set_scratch(float* sp) {
+    const int64_t rs = info.geo.row_numel(), cs = info.geo.col_numel();
+    row_rsqrt = sp;
+    row_fac = row_rsqrt + kFactoredChannels * rs;
+    col_rsqrt = row_fac + kFactoredChannels * rs;
+    col_fac = col_rsqrt + kFactoredChannels * cs;
+    row_contrib = col_fac + kFactoredChannels * cs;
+    col_contrib = row_contrib + P::kHidden * rs;
+  }
+};
+
+// Builds the work list of one op call: state pointers, contiguous views and scratch. The
+// returned tensor owns the scratch.
+template <class P>
+at::Tensor prepare_work(std::vector<TensorWork<P>>& work, const std::vector<TensorInfo>& infos,
+                        at::TensorList params, at::TensorList grads, at::TensorList momentum,
+                        at::TensorList rms, at::TensorList fac_row, at::TensorList fac_col,
+                        at::TensorList fac_diag) {
+  int64_t scratch_numel = 0;
+  for (const auto& info : infos) scratch_numel += TensorWork<P>::scratch_numel(info);
+  at::Tensor scratch = at::empty({scratch_numel}, params[0].options().dtype(at::kFloat));
+  float* sp = scratch.template data_ptr<float>();
+  work.resize(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    auto& w = work[i];
+    w.info = infos[i];
+    w.p = params[i].contiguous();
+    w.g = grads[i].contiguous();
+    w.m = momentum[i].template data_ptr<float>();
+    w.v = rms[i].template data_ptr<float>();
+    if (w.info.factored) {
+      w.row = fac_row[w.info.state_index].template data_ptr<float>();
+      w.col = fac_col[w.info.state_index].template data_ptr<float>();
+      w.set_scratch(sp);
+      sp += TensorWork<P>::scratch_numel(w.info);
+    } else {
+      w.row = fac_diag[w.info.state_index].template data_ptr<float>();
+    }
+  }
+  return scratch;
+}
+
+// Writes back parameters that were not contiguous (their work copy was updated).
+template <class P>
+void finish_work(std::vector<TensorWork<P>>& work, at::TensorList params) {
+  for (size_t i = 0; i < params.size(); ++i)
+    if (!params[i].is_same(work[i].p)) params[i].copy_(work[i].p);
+}
+
+// A reduction over the middle axis of a [O, R, I] view, for o in [o0, o1) and i in [i0, i1).
+struct ReduceTask {
+  int tensor;
+  int kind;  // 0: g^2 over d0 -> r, 1: g^2 over d1 -> c, 2: r over its d1 -> row factor
+  int64_t O, R, I;
+  int64_t o0, o1, i0, i1;
+};
+
+template <typename scalar_t>
+inline float load(const scalar_t* ptr, int64_t i) {
+  return static_cast<float>(ptr[i]);
+}
+
+inline void add_reduce_tasks(std::vector<ReduceTask>& tasks, int tensor, int kind, int64_t O,
+                             int64_t R, int64_t I) {
+  const int64_t ib = std::min<int64_t>(I, 256);
+  const int64_t per_task = std::max<int64_t>(1, kReduceWork / std::max<int64_t>(1, R * ib));
+  for (int64_t o0 = 0; o0 < O; o0 += per_task)
+    for (int64_t i0 = 0; i0 < I; i0 += ib)
+      tasks.push_back({tensor, kind, O, R, I, o0, std::min(O, o0 + per_task), i0,
+                       std::min(I, i0 + ib)});
+}
+
+// sum over r of value(o, r, i) for i in [i0, i1), accumulated in double, in a fixed order.
+template <typename F>
+void reduce_middle(const ReduceTask& t, int64_t o, F value, double* acc) {
+  const int64_t width = t.i1 - t.i0;
+  if (width == 1) {
+    // A contiguous reduction: four interleaved partial sums, combined in a fixed order.
+    double part[4] = {0, 0, 0, 0};
+    int64_t r = 0;
+    for (; r + 4 <= t.R; r += 4)
+      for (int k = 0; k < 4; ++k) part[k] += value((o * t.R + r + k) * t.I + t.i0);
+    for (; r < t.R; ++r) part[r & 3] += value((o * t.R + r) * t.I + t.i0);
+    acc[0] = (part[0] + part[1]) + (part[2] + part[3]);
+    return;
+  }
+  for (int64_t i = 0; i < width; ++i) acc[i] = 0.0;
+  for (int64_t r = 0; r < t.R; ++r) {
+    const int64_t base = (o * t.R + r) * t.I + t.i0;
+    for (int64_t i = 0; i < width; ++i) acc[i] += value(base + i);
+  }
+}
+
+template <class P, typename scalar_t>
+void run_reduce_task(const ReduceTask& t, TensorWork<P>& w, const float* decays) {
+  double acc[256];
+  if (t.kind == 0 || t.kind == 1) {
+    const scalar_t* g = w.g.template data_ptr<scalar_t>();
+    float* state = t.kind == 0 ? w.row : w.col;
+    const int64_t size = t.kind == 0 ? w.info.geo.row_numel() : w.info.geo.col_numel();
+    for (int64_t o = t.o0; o < t.o1; ++o) {
+      reduce_middle(
+          t, o,
+          [&](int64_t e) { return static_cast<double>(factored_gsq(P::grad(load(g, e)))); },
+          acc);
+      for (int64_t i = t.i0; i < t.i1; ++i) {
+        const int64_t idx = o * t.I + i;
+        const float mean = static_cast<float>(acc[i - t.i0] / static_cast<double>(t.R));
+        for (int k = 0; k < kFactoredChannels; ++k) {
+          const float decay = clip01(decays[kDecayFactored + k]);
+          float& s = state[k * size + idx];
+          s = ema(s, mean, decay);
+          if (t.kind == 0) {
+            w.row_rsqrt[k * size + idx] = accumulator_rsqrt(s);
+          } else {
+            w.col_rsqrt[k * size + idx] = accumulator_rsqrt(s);
+            w.col_fac[k * size + idx] = col_factor(s);
+          }
+        }
+      }
+    }
+    return;
+  }
+  // kind 2: mean of r over its copy of d1, then the row factors of that row.
+  const int64_t size = w.info.geo.row_numel();
+  for (int k = 0; k < kFactoredChannels; ++k) {
+    const float* r = w.row + k * size;
+    for (int64_t o = t.o0; o < t.o1; ++o) {
+      reduce_middle(t, o, [&](int64_t e) { return static_cast<double>(r[e]); }, acc);
+      for (int64_t i = t.i0; i < t.i1; ++i) {
+        const float mean = static_cast<float>(acc[i - t.i0] / static_cast<double>(t.R));
+        for (int64_t rr = 0; rr < t.R; ++rr) {
+          const int64_t e = (o * t.R + rr) * t.I + i;
+          w.row_fac[k * size + e] = row_factor(r[e], mean);
+        }
+      }
+    }
+  }
+}
+
+// Where the elements of a tile of a factored tensor read their row- and column-indexed
+// values. Within one run of the innermost varying axis each index is either consecutive
+// across the tile (a vector load) or constant (a broadcast); otherwise per-lane indices.
+struct TileIndex {
+  bool run = false;
+  bool row_consecutive = false, col_consecutive = false;
+  int64_t row[kMaxLanes], col[kMaxLanes];  // row[0]/col[0] only when `run`
+};
+
+LO_HD void tile_index(const FactoredCursor& at, int count, TileIndex& t) {
+  const FactoredGeometry& geo = *at.geo;
+  FactoredCursor cur = at;
+  const bool c_run = geo.C > 1 && cur.c + count <= geo.C;   // r and c indices consecutive
+  const bool q_run = geo.C == 1 && cur.q + count <= geo.Q;  // drop-P index consecutive
+  t.run = c_run || q_run;
+  if (t.run) {
+    t.row[0] = cur.row_index();
+    t.col[0] = cur.col_index();
+    t.row_consecutive = c_run || geo.d0_is_p;
+    t.col_consecutive = c_run || !geo.d0_is_p;
+    return;
+  }
+  for (int l = 0; l < count; ++l, cur.next()) {
+    t.row[l] = cur.row_index();
+    t.col[l] = cur.col_index();
+  }
+}
+
+// `planes` planes of `size` values each, indexed like r (`by_row`) or like c, for the tile.
+template <typename V>
+LO_HD void load_planes(const TileIndex& t, bool by_row, const float* base, int64_t size,
+                       int planes, int count, V* out) {
+  const int64_t* index = by_row ? t.row : t.col;
+  const bool consecutive = by_row ? t.row_consecutive : t.col_consecutive;
+  for (int k = 0; k < planes; ++k) {
+    const float* src = base + k * size;
+    if (t.run) {
+      out[k] = consecutive ? load_lanes<V>(src + index[0], count) : splat<V>(src[index[0]]);
+    } else {
+      V v{};
+      for (int l = 0; l < count; ++l) v[l] = src[index[l]];
+      out[k] = v;
+    }
+  }
+}
+
+// The first-layer bias of a factored tensor's tile: b0t + row contribution + column
+// contribution (in that order on every path). Within a run, one side is consecutive and the
+// other constant (or both consecutive), which a full tile reads with vector loads.
+template <class P, typename V>
+LO_HD void first_layer_bias(const TensorWork<P>& w, const TileIndex& ti, int count,
+                            V (&b0)[P::kHidden]) {
+  const int64_t rsize = w.info.geo.row_numel(), csize = w.info.geo.col_numel();
+  if (ti.run && count == kLanesOf<V>) {
+    const float* rc = w.row_contrib + ti.row[0];
+    const float* cc = w.col_contrib + ti.col[0];
+    V r, c;
+    for (int j = 0; j < P::kHidden; ++j) {
+      if (ti.row_consecutive)
+        std::memcpy(&r, rc + j * rsize, sizeof(r));
+      else
+        r = splat<V>(rc[j * rsize]);
+      if (ti.col_consecutive)
+        std::memcpy(&c, cc + j * csize, sizeof(c));
+      else
+        c = splat<V>(cc[j * csize]);
+      b0[j] = (splat<V>(w.b0t[j]) + r) + c;
+    }
+    return;
+  }
+  V row_c[P::kHidden], col_c[P::kHidden];
+  load_planes(ti, true, w.row_contrib, rsize, P::kHidden, count, row_c);
+  load_planes(ti, false, w.col_contrib, csize, P::kHidden, count, col_c);
+  for (int j = 0; j < P::kHidden; ++j) b0[j] = (splat<V>(w.b0t[j]) + row_c[j]) + col_c[j];
+}
+
+// The inputs of the `count` consecutive elements starting at `e0`, one vector lane per
+// element (lanes past `count` carry harmless finite values). With `update_state`, the
+// momentum, rms and diagonal accumulators are updated in place first (pass 2); otherwise they
+// are read as updated (pass 3). For a factored tensor only the row/column factors are read:
+// its row and column channels enter through per-row/per-column sums (see fold_first_layer).
+template <class P, typename V, typename scalar_t, bool update_state, bool factored>
+LO_HD void tile_inputs(TensorWork<P>& w, const scalar_t* g, const scalar_t* p, int64_t e0,
+                       int count, const float* decays, const TileIndex& ti,
+                       ElementInputs<V>& in) {
+  const int64_t n = w.info.numel;
+  in.g = P::grad(load_lanes<V>(g + e0, count));
+  in.p = load_lanes<V>(p + e0, count);
+  for (int k = 0; k < kMomentumChannels; ++k) {
+    float* m = w.m + k * n + e0;
+    in.m[k] = load_lanes<V>(m, count);
+    if (update_state) {
+      in.m[k] = ema(in.m[k], in.g, decays[kDecayMomentum + k]);
+      store_lanes(m, in.m[k], count);
+    }
+  }
+  in.v = load_lanes<V>(w.v + e0, count);
+  if (update_state) {
+    in.v = ema(in.v, in.g * in.g, clip01(decays[kDecayRms]));
+    store_lanes(w.v + e0, in.v, count);
+  }
+  if (factored) {
+    V rf[kFactoredChannels], cf[kFactoredChannels];
+    load_planes(ti, true, w.row_fac, w.info.geo.row_numel(), kFactoredChannels, count, rf);
+    load_planes(ti, false, w.col_fac, w.info.geo.col_numel(), kFactoredChannels, count, cf);
+    set_factored_factors(in, rf, cf);
+  } else {
+    V u[kFactoredChannels];
+    for (int k = 0; k < kFactoredChannels; ++k) {
+      float* state = w.row + k * n + e0;
+      u[k] = load_lanes<V>(state, count);
+      if (update_state) {
+        u[k] = ema(u[k], factored_gsq(in.g), clip01(decays[kDecayFactored + k]));
+        store_lanes(state, u[k], count);
+      }
+    }
+    set_unfactored(in, u, P::kUnfactoredMomentumEps);
+  }
+}
+
+// The features the first layer reads per element: the element-wise channels of a factored
+// tensor, all channels of an unfactored one.
+template <class P, bool factored>
+constexpr int kTileFeatures = factored ? P::kElementFeatures : P::kFeatures;
+
+template <class P, bool factored, typename V>
+LO_HD void tile_features(const ElementInputs<V>& in, V (&x)[kTileFeatures<P, factored>]) {
+  if constexpr (factored)
+    P::element_features(in, x);
+  else
+    P::features(in, x);
+}
+
+// Sums of squares of the features over [e0, e1): float sums over at most kFloatTiles tiles
+// per lane, folded into per-lane double sums, combined over lanes in a fixed order.
+constexpr int kFloatTiles = 8;
+
+template <class P, typename Isa, typename scalar_t, bool factored>
+LO_HD void accumulate_chunk(TensorWork<P>& w, int64_t e0, int64_t e1, const float* decays,
+                            double* sums) {
+  using V = typename Isa::V;
+  constexpr int L = kLanesOf<V>;
+  constexpr int kF = kTileFeatures<P, factored>;
+  double acc[kF][L] = {};
+  V part[kF];
+  for (int c = 0; c < kF; ++c) part[c] = V{};
+  V x[kF];
+  TileIndex ti;
+  ElementInputs<V> in;
+  const scalar_t* g = w.g.template data_ptr<scalar_t>();
+  const scalar_t* p = w.p.template data_ptr<scalar_t>();
+  int tiles = 0;
+  FactoredCursor cursor(w.info.geo, factored ? e0 : 0);
+  for (int64_t e = e0; e < e1; e += L) {
+    const int count = static_cast<int>(std::min<int64_t>(L, e1 - e));
+    if (factored) {
+      tile_index(cursor, count, ti);
+      cursor.advance(L);
+    }
+    tile_inputs<P, V, scalar_t, true, factored>(w, g, p, e, count, decays, ti, in);
+    tile_features<P, factored>(in, x);
+    if (count < L) {  // padding lanes do not count
+      for (int c = 0; c < kF; ++c)
+        for (int l = count; l < L; ++l) x[c][l] = 0.f;
+    }
+    for (int c = 0; c < kF; ++c) part[c] += x[c] * x[c];
+    if (++tiles == kFloatTiles || e + L >= e1) {
+      for (int c = 0; c < kF; ++c) {
+        for (int l = 0; l < L; ++l) acc[c][l] += part[c][l];
+        part[c] = V{};
+      }
+      tiles = 0;
+    }
+  }
+  for (int c = 0; c < P::kFeatures; ++c) sums[c] = 0.0;
+  for (int c = 0; c < kF; ++c) {
+    double s = 0.0;
+    for (int l = 0; l < L; ++l) s += acc[c][l];
+    sums[factored ? P::element_channel(c) : c] = s;
+  }
+}
+
+template <class P, typename Isa, typename scalar_t, bool factored>
+LO_HD void update_chunk(TensorWork<P>& w, int64_t e0, int64_t e1, const float* decays,
+                        float lr, float weight_decay, float exp_mult) {
+  using V = typename Isa::V;
+  using Group = LaneGroup<V, Isa::kTiles>;
+  constexpr int L = kLanesOf<V>;
+  constexpr int N = Isa::kTiles;
+  constexpr int kF = kTileFeatures<P, factored>;
+  constexpr int H = P::kHidden;
+  const scalar_t* g = w.g.template data_ptr<scalar_t>();
+  scalar_t* p = w.p.template data_ptr<scalar_t>();
+  const float* weights = w.weights;
+  Group x[kF], b0[H], direction, magnitude;
+  V p_old[N];
+  TileIndex ti;
+  ElementInputs<V> in;
+  FactoredCursor cursor(w.info.geo, factored ? e0 : 0);
+  // N tiles at a time; missing tiles at the end are zero padding (results dropped).
+  for (int64_t e = e0; e < e1; e += N * L) {
+    int count[N];
+    for (int h = 0; h < N; ++h) {
+      const int64_t eh = e + h * L;
+      count[h] = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(L, e1 - eh)));
+      if (count[h] == 0) {
+        for (int c = 0; c < kF; ++c) x[c].t[h] = V{};
+        for (int j = 0; j < H; ++j) b0[j].t[h] = V{};
+        p_old[h] = V{};
+        continue;
+      }
+      if (factored) {
+        tile_index(cursor, count[h], ti);
+        cursor.advance(L);
+      }
+      tile_inputs<P, V, scalar_t, false, factored>(w, g, p, eh, count[h], decays, ti, in);
+      V xh[kF];
+      tile_features<P, factored>(in, xh);
+      for (int c = 0; c < kF; ++c) x[c].t[h] = xh[c];
+      p_old[h] = in.p;
+      if constexpr (factored) {
+        V bh[H];
+        first_layer_bias(w, ti, count[h], bh);
+        for (int j = 0; j < H; ++j) b0[j].t[h] = bh[j];
+      }
+    }
+    if constexpr (factored) {
+      mlp_forward<kF, H>(x, w.w0s.data(), b0, weights + P::kW1, weights + P::kB1,
+                         weights + P::kW2, weights + P::kB2, direction, magnitude);
+    } else {
+      mlp_forward<kF, H>(x, w.w0s.data(), w.b0t.data(), weights + P::kW1, weights + P::kB1,
+                         weights + P::kW2, weights + P::kB2, direction, magnitude);
+    }
+    for (int h = 0; h < N; ++h) {
+      if (count[h] == 0) continue;
+      const V step = step_from_outputs(direction.t[h], magnitude.t[h], exp_mult, w.step_scale);
+      const V updated = apply_step(p_old[h], step, lr, weight_decay);
+      scalar_t* out = p + e + h * L;
+      for (int l = 0; l < count[h]; ++l) out[l] = static_cast<scalar_t>(updated[l]);
+    }
+  }
+}
+
+// One entry point per instruction set and kernel, compiled for that set; the bodies above are
+// inlined into them. select_isa() picks one at run time from what the processor supports.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LO_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")))
+#define LO_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define LO_HAVE_ISA_CLONES 1
+#else
+#define LO_TARGET_AVX512
+#define LO_TARGET_AVX2
+#define LO_HAVE_ISA_CLONES 0
+#endif
+
+#define LO_DEFINE_ENTRIES(NAME, ISA, TARGET)                                                   \
+  template <class P, typename scalar_t, bool factored>                                         \
+  TARGET void accumulate_chunk_##NAME(TensorWork<P>& w, int64_t e0, int64_t e1,                \
+                                      const float* decays, double* sums) {                     \
+    accumulate_chunk<P, ISA, scalar_t, factored>(w, e0, e1, decays, sums);                     \
+  }                                                                                            \
+  template <class P, typename scalar_t, bool factored>                                         \
+  TARGET void update_chunk_##NAME(TensorWork<P>& w, int64_t e0, int64_t e1,                    \
+                                  const float* decays, float lr, float wd, float em) {         \
+    update_chunk<P, ISA, scalar_t, factored>(w, e0, e1, decays, lr, wd, em);                   \
+  }
+
+LO_DEFINE_ENTRIES(base, IsaBase, )
+#if LO_HAVE_ISA_CLONES
+LO_DEFINE_ENTRIES(avx2, IsaAvx2, LO_TARGET_AVX2)
+LO_DEFINE_ENTRIES(avx512, IsaAvx512, LO_TARGET_AVX512)
+#endif
+
+enum class CpuIsa { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// The widest set the processor has, capped by LO_OPS_CPU_ISA=base|avx2|avx512 if set.
+inline CpuIsa select_isa() {
+  CpuIsa best = CpuIsa::kBase;
+#if LO_HAVE_ISA_CLONES
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = CpuIsa::kAvx2;
+  if (best == CpuIsa::kAvx2 && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl"))
+    best = CpuIsa::kAvx512;
+#endif
+  const char* cap = std::getenv("LO_OPS_CPU_ISA");
+  if (cap != nullptr) {
+    const std::string c(cap);
+    TORCH_CHECK(c == "base" || c == "avx2" || c == "avx512",
+                "LO_OPS_CPU_ISA must be base, avx2 or avx512, got '", c, "'");
+    const CpuIsa wanted = c == "base" ? CpuIsa::kBase : c == "avx2" ? CpuIsa::kAvx2 : CpuIsa::kAvx512;
+    if (static_cast<int>(wanted) < static_cast<int>(best)) best = wanted;
+  }
+  return best;
+}
+
+template <class P, typename scalar_t, bool factored>
+void accumulate_chunk_for(CpuIsa isa, TensorWork<P>& w, int64_t e0, int64_t e1,
+                          const float* decays, double* sums) {
+#if LO_HAVE_ISA_CLONES
+  if (isa == CpuIsa::kAvx512)
+    return accumulate_chunk_avx512<P, scalar_t, factored>(w, e0, e1, decays, sums);
+  if (isa == CpuIsa::kAvx2)
+    return accumulate_chunk_avx2<P, scalar_t, factored>(w, e0, e1, decays, sums);
+#endif
+  accumulate_chunk_base<P, scalar_t, factored>(w, e0, e1, decays, sums);
+}
+
+template <class P, typename scalar_t, bool factored>
+void update_chunk_for(CpuIsa isa, TensorWork<P>& w, int64_t e0, int64_t e1, const float* decays,
+                      float lr, float wd, float em) {
+#if LO_HAVE_ISA_CLONES
+  if (isa == CpuIsa::kAvx512)
+    return update_chunk_avx512<P, scalar_t, factored>(w, e0, e1, decays, lr, wd, em);
+  if (isa == CpuIsa::kAvx2)
+    return update_chunk_avx2<P, scalar_t, factored>(w, e0, e1, decays, lr, wd, em);
+#endif
+  update_chunk_base<P, scalar_t, factored>(w, e0, e1, decays, lr, wd, em);
+}
+
+// Sum of squares of `size` values (double, in order).
+inline double sum_squares(const float* base, int64_t size) {
+  double s = 0.0;
+  for (int64_t i = 0; i < size; ++i) s += static_cast<double>(base[i]) * base[i];
+  return s;
+}
+
+// The sums of squares of one side's channels (values: channels 0..2 of `sums`, rsqrt: 6..8)
+// over the whole tensor, where each accumulator value stands for `broadcast` elements.
+inline void accumulator_sums(const float* values, const float* rsqrts, int64_t size,
+                             double broadcast, double* sums) {
+  constexpr int kRsqrtOffset = 2 * kFactoredChannels;
+  for (int k = 0; k < kFactoredChannels; ++k) {
+    sums[k] = broadcast * sum_squares(values + k * size, size);
+    sums[kRsqrtOffset + k] = broadcast * sum_squares(rsqrts + k * size, size);
+  }
+}
+
+// out[i] = the first-layer input of one hidden unit from one side's channels at index i;
+// `ws` holds that unit's scaled weights of the side's channels (values 0..2, rsqrt 6..8).
+inline void accumulator_contribution(const float* ws, const float* values, const float* rsqrts,
+                                     int64_t size, float* out) {
+  constexpr int kRsqrtOffset = 2 * kFactoredChannels;
+  for (int64_t i = 0; i < size; ++i) {
+    float acc = 0.f;
+    for (int k = 0; k < kFactoredChannels; ++k) {
+      acc += ws[k] * values[k * size + i];
+      acc += ws[kRsqrtOffset + k] * rsqrts[k * size + i];
+    }
+    out[i] = acc;
+  }
+}
+
+// Folds the normalisation scales and P's constant inputs into the first layer of `w`, and sets
+// its step scale; for a factored tensor also completes the sums of its row/column channels
+// (each r value stands for size(d0) elements, each c value for size(d1)) and turns those
+// channels into per-row and per-column first-layer contributions.
+template <class P>
+void fold_first_layer(TensorWork<P>& w, const double* element_sums, float step_mult) {
+  constexpr int F = P::kFeatures;
+  double sums[F];
+  for (int c = 0; c < F; ++c) sums[c] = element_sums[c];
+  const int64_t rsize = w.info.factored ? w.info.geo.row_numel() : 0;
+  const int64_t csize = w.info.factored ? w.info.geo.col_numel() : 0;
+  if (w.info.factored) {
+    const auto& geo = w.info.geo;
+    const double d0_len = static_cast<double>(geo.d0_is_p ? geo.P : geo.Q);
+    const double d1_len = static_cast<double>(geo.d0_is_p ? geo.Q : geo.P);
+    accumulator_sums(w.row, w.row_rsqrt, rsize, d0_len, sums + P::kFirstRowChannel);
+    accumulator_sums(w.col, w.col_rsqrt, csize, d1_len, sums + P::kFirstColChannel);
+  }
+  float scale[F];
+  for (int c = 0; c < F; ++c) scale[c] = normalisation_scale(sums[c], w.info.numel);
+  w.step_scale = P::step_scale(w, sums[P::kParamChannel], step_mult);
+  for (int j = 0; j < P::kHidden; ++j) {
+    const float* row = w.weights + P::kW0 + j * P::kInputs;
+    float ws[F];
+    for (int c = 0; c < F; ++c) ws[c] = row[c] * scale[c];
+    w.b0t[j] = P::first_bias(w, j);
+    if (!w.info.factored) {
+      for (int c = 0; c < F; ++c) w.w0s[j * F + c] = ws[c];
+      continue;
+    }
+    for (int i = 0; i < P::kElementFeatures; ++i)
+      w.w0s[j * P::kElementFeatures + i] = ws[P::element_channel(i)];
+    accumulator_contribution(ws + P::kFirstRowChannel, w.row, w.row_rsqrt, rsize,
+                             w.row_contrib + j * rsize);
+    accumulator_contribution(ws + P::kFirstColChannel, w.col, w.col_rsqrt, csize,
+                             w.col_contrib + j * csize);
+  }
+}
+
+// Runs fn(i) for every work item i, giving each thread a contiguous run of items of about
+// equal total cost (cost[i] >= 0), so that a list of large tensors followed by many small
+// ones still splits evenly. Each item runs exactly once, whichever thread takes it.
+template <typename Cost, typename F>
+void parallel_items(int64_t n, Cost cost, F fn) {
+  std::vector<int64_t> start(n + 1, 0);
+  for (int64_t i = 0; i < n; ++i) start[i + 1] = start[i] + cost(i) + 1;
+  at::parallel_for(0, start[n], 1, [&](int64_t b, int64_t e) {
+    // the items whose start lies in [b, e)
+    int64_t i = std::lower_bound(start.begin(), start.end() - 1, b) - start.begin();
+    for (; i < n && start[i] < e; ++i) fn(i);
+  });
+}
+
+// One step over a bucket: `work` filled by prepare_work, with `weights` (and P's per-tensor
+// values) set for every tensor.
+template <class P, typename scalar_t>
+void step_bucket(std::vector<TensorWork<P>>& work, const float* decays, float lr,
+                 double weight_decay, double step_mult, double exp_mult) {
+  const CpuIsa isa = select_isa();
+  // Pass 1: factored second moments.
+  std::vector<ReduceTask> reduce;
+  for (int ti = 0; ti < static_cast<int>(work.size()); ++ti) {
+    const auto& w = work[ti];
+    if (!w.info.factored || w.info.numel == 0) continue;
+    const auto& geo = w.info.geo;
+    // Sum over P: view [A, P, B*Q*C]; sum over Q: view [A*P*B, Q, C].
+    const int kind_p = geo.d0_is_p ? 0 : 1;
+    add_reduce_tasks(reduce, ti, kind_p, geo.A, geo.P, geo.B * geo.Q * geo.C);
+    add_reduce_tasks(reduce, ti, 1 - kind_p, geo.A * geo.P * geo.B, geo.Q, geo.C);
+  }
+  const auto reduce_cost = [&](int64_t i) {
+    return (reduce[i].o1 - reduce[i].o0) * reduce[i].R * (reduce[i].i1 - reduce[i].i0);
+  };
+  parallel_items(static_cast<int64_t>(reduce.size()), reduce_cost, [&](int64_t i) {
+    run_reduce_task<P, scalar_t>(reduce[i], work[reduce[i].tensor], decays);
+  });
+  reduce.clear();
+  for (int ti = 0; ti < static_cast<int>(work.size()); ++ti) {
+    const auto& w = work[ti];
+    if (!w.info.factored || w.info.numel == 0) continue;
+    const auto& geo = w.info.geo;
+    // r drops d0; its copy of d1 is Q when d0 is P (view [A*B, Q, C]), else P ([A, P, B*C]).
+    if (geo.d0_is_p)
+      add_reduce_tasks(reduce, ti, 2, geo.A * geo.B, geo.Q, geo.C);
+    else
+      add_reduce_tasks(reduce, ti, 2, geo.A, geo.P, geo.B * geo.C);
+  }
+  parallel_items(static_cast<int64_t>(reduce.size()), reduce_cost, [&](int64_t i) {
+    run_reduce_task<P, scalar_t>(reduce[i], work[reduce[i].tensor], decays);
+  });
+
+  // Pass 2: per-element accumulators and feature statistics.
+  struct Chunk {
+    int tensor;
+    int64_t e0, e1;
+  };
+  std::vector<Chunk> chunks;
+  for (int ti = 0; ti < static_cast<int>(work.size()); ++ti) {
+    auto& w = work[ti];
+    w.first_chunk = static_cast<int64_t>(chunks.size());
+    for (int64_t e0 = 0; e0 < w.info.numel; e0 += kChunk)
+      chunks.push_back({ti, e0, std::min(w.info.numel, e0 + kChunk)});
+    w.num_chunks = static_cast<int64_t>(chunks.size()) - w.first_chunk;
+  }
+  constexpr int F = P::kFeatures;
+  std::vector<double> sums(chunks.size() * F);
+  const auto chunk_cost = [&](int64_t i) { return chunks[i].e1 - chunks[i].e0 + kMaxLanes; };
+  parallel_items(static_cast<int64_t>(chunks.size()), chunk_cost, [&](int64_t i) {
+    const Chunk& c = chunks[i];
+    auto& w = work[c.tensor];
+    double* out = sums.data() + i * F;
+    if (w.info.factored)
+      accumulate_chunk_for<P, scalar_t, true>(isa, w, c.e0, c.e1, decays, out);
+    else
+      accumulate_chunk_for<P, scalar_t, false>(isa, w, c.e0, c.e1, decays, out);
+  });
+
+  // Pass 3: fold the per-tensor constants into the first layer, then MLP and update.
+  const auto fold_cost = [&](int64_t ti) {
+    const auto& info = work[ti].info;
+    return info.factored ? P::kHidden * (info.geo.row_numel() + info.geo.col_numel())
+                         : int64_t{P::kHidden};
+  };
+  const float sm = static_cast<float>(step_mult);
+  parallel_items(static_cast<int64_t>(work.size()), fold_cost, [&](int64_t ti) {
+    auto& w = work[ti];
+    if (w.info.numel == 0) return;
+    double total[F] = {};
+    for (int64_t ci = w.first_chunk; ci < w.first_chunk + w.num_chunks; ++ci)
+      for (int c = 0; c < F; ++c) total[c] += sums[ci * F + c];
+    fold_first_layer(w, total, sm);
+  });
+  const float wd = static_cast<float>(weight_decay), em = static_cast<float>(exp_mult);
+  parallel_items(static_cast<int64_t>(chunks.size()), chunk_cost, [&](int64_t i) {
+    const Chunk& c = chunks[i];
+    auto& w = work[c.tensor];
+    if (w.info.factored)
+      update_chunk_for<P, scalar_t, true>(isa, w, c.e0, c.e1, decays, lr, wd, em);
+    else
+      update_chunk_for<P, scalar_t, false>(isa, w, c.e0, c.e1, decays, lr, wd, em);
+  });
+}
+
+}  // namespace cpu
+}  // namespace lo_ops

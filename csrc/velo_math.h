@@ -1,0 +1,128 @@
+// Per-element and per-tensor arithmetic of VeLO (spec section 3), shared by the CPU and CUDA
+// kernels. The accumulators are those of lopt_math.h, fed with the clipped gradient.
+#pragma once
+
+#include "lopt_math.h"
+
+namespace lo_ops {
+namespace velo {
+
+constexpr float kGradClip = 1000.0f;  // gradients are clipped to [-1000, 1000] first
+constexpr int kFeatures = 30;
+constexpr int kHidden = 4;
+constexpr int kOutputs = 3;  // direction, magnitude, and one unused output
+// One tensor's blended MLP weights, packed (PyTorch [out, in] layout).
+constexpr int kInputs = kFeatures;
+constexpr int kW0 = 0;                              // [kHidden, kFeatures]
+constexpr int kB0 = kW0 + kHidden * kFeatures;      // [kHidden]
+constexpr int kW1 = kB0 + kHidden;                  // [kHidden, kHidden]
+constexpr int kB1 = kW1 + kHidden * kHidden;        // [kHidden]
+constexpr int kW2 = kB1 + kHidden;                  // [kOutputs, kHidden]
+constexpr int kB2 = kW2 + kOutputs * kHidden;       // [kOutputs]
+constexpr int kPackedWeights = kB2 + kOutputs;      // 159
+constexpr float kUnfactoredMomentumEps = 0.0f;      // m * u^-0.5, no epsilon
+
+// Fixed decays: momentum (0.9, 0.99, 0.999), rms 0.999, factored (0.9, 0.99, 0.999).
+LO_HD float decay(int k) {
+  constexpr float kValues[kDecays] = {0.9f, 0.99f, 0.999f, 0.999f, 0.9f, 0.99f, 0.999f};
+  return kValues[k];
+}
+
+template <typename T>
+LO_HD T clip_grad(T g) {
+  return clip(g, -kGradClip, kGradClip);
+}
+
+// Channels 15..26 (r, c and their rsqrt) are, for a factored tensor, constant along d0 or d1;
+// the other 18 (0-14, 27-29) vary element by element.
+constexpr int kElementFeatures = 18;
+constexpr int kParamChannel = 2;
+constexpr int kFirstRowChannel = 15;      // r: 15-17, rsqrt(r + 1e-8): 21-23
+constexpr int kFirstColChannel = 18;      // c: 18-20, rsqrt(c + 1e-8): 24-26
+constexpr int kRsqrtChannelOffset = 6;
+LO_HD int element_channel(int i) { return i < 15 ? i : i + 12; }
+
+// The 18 element-wise features (channels 0-14 and 27-29), un-normalised: g, clip(g, 0.1), p,
+// m (3), v, m rsqrt(v + 1e-6) (3), rsqrt(v + 1e-6), fac_g (3), g rsqrt(v + 1e-6), then the
+// momentum times the factors (3).
+template <typename T>
+LO_HD void element_features(const ElementInputs<T>& e, T (&f)[kElementFeatures]) {
+  f[0] = e.g;
+  f[1] = clip(e.g, -0.1f, 0.1f);
+  f[2] = e.p;
+  const T v_rsqrt = rsqrt_exact(e.v + 1e-6f);
+  for (int k = 0; k < kMomentumChannels; ++k) {
+    f[3 + k] = e.m[k];
+    f[7 + k] = e.m[k] * v_rsqrt;
+  }
+  f[6] = e.v;
+  f[10] = v_rsqrt;
+  for (int k = 0; k < kFactoredChannels; ++k) {
+    f[11 + k] = e.g * e.grad_factor[k];
+    f[15 + k] = e.m[k] * e.mom_factor[k];
+  }
+  f[14] = e.g * v_rsqrt;
+}
+
+// The 30 un-normalised features of spec section 3.5, in channel order.
+template <typename T>
+LO_HD void features(const ElementInputs<T>& e, T (&f)[kFeatures]) {
+  T ef[kElementFeatures];
+  element_features(e, ef);
+  for (int i = 0; i < kElementFeatures; ++i) f[element_channel(i)] = ef[i];
+  accumulator_features(e, kFirstRowChannel, f);
+}
+
+// param_scale = sqrt(mean(p^2) + 1e-9).
+LO_HD float param_scale(double sum_p_sq, int64_t n) {
+  return sqrtf(static_cast<float>(sum_p_sq / static_cast<double>(n)) + 1e-9f);
+}
+
+// -- the per-tensor LSTM input (spec 3.2) --------------------------------------------------------
+constexpr int kLstmInputs = 30;
+constexpr int kTimeFeatures = 9;
+constexpr int kLossFeatures = 9;
+constexpr int kFirstLossFeature = kTimeFeatures;                   // 9-17
+constexpr int kRmsFeature = kFirstLossFeature + kLossFeatures;     // 18
+constexpr int kFirstRankFeature = kRmsFeature + 1;                 // 19-23
+constexpr int kRankFeatures = 5;
+constexpr int kFirstMomentumVariance = kFirstRankFeature + kRankFeatures;  // 24-26
+constexpr int kFirstRmsSpread = kFirstMomentumVariance + kMomentumChannels;  // 27-29
+
+LO_HD float time_feature(float t, float num_steps, int k) {
+  constexpr float kOffsets[kTimeFeatures] = {0.03f, 0.1f, 0.2f, 0.4f, 0.6f,
+                                             0.8f,  0.9f, 1.0f, 1.1f};
+  return tanhf(10.0f * (t / num_steps - kOffsets[k]));
+}
+
+// cla(x) = 0.5 * clip(log(1e-8 + |10 x|), -5, 5)
+LO_HD float log_feature(float x) { return 0.5f * clip(logf(1e-8f + fabsf(10.0f * x)), -5.0f, 5.0f); }
+
+// Sums over one tensor from which its LSTM input follows (p, m, v as stored, unscaled):
+// sum p^2, sum m_k, sum v, sum (m_k - mean m_k)^2 and sum (v - mean m_k)^2.
+struct TensorMoments {
+  double p_sq = 0;
+  double m[kMomentumChannels] = {0, 0, 0};
+  double v = 0;
+  double m_centred_sq[kMomentumChannels] = {0, 0, 0};
+  double v_spread_sq[kMomentumChannels] = {0, 0, 0};
+};
+
+// Row 30 of X for one tensor (all but the time and loss features, written by the caller).
+// s = rsqrt(max(1e-9, mean p^2)); the momentum and rms statistics scale with s and s^2.
+// `dims` is the number of axes longer than 1.
+LO_HD void lstm_tensor_features(const TensorMoments& mo, int64_t n, int dims, float* row) {
+  const double count = n > 0 ? static_cast<double>(n) : 1.0;
+  const float mean_p_sq = static_cast<float>(mo.p_sq / count);
+  const float s = rsqrt_exact(mean_p_sq < 1e-9f ? 1e-9f : mean_p_sq);
+  row[kRmsFeature] = log_feature(static_cast<float>(mo.v / count) * s);
+  for (int k = 0; k < kRankFeatures; ++k) row[kFirstRankFeature + k] = dims == k ? 1.0f : 0.0f;
+  for (int k = 0; k < kMomentumChannels; ++k) {
+    row[kFirstMomentumVariance + k] =
+        log_feature(static_cast<float>(mo.m_centred_sq[k] / count) * (s * s));
+    row[kFirstRmsSpread + k] = log_feature(static_cast<float>(mo.v_spread_sq[k] / count) * (s * s));
+  }
+}
+
+}  // namespace velo
+}  // namespace lo_ops
