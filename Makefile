@@ -15,7 +15,7 @@ $(VENV)/bin/python:
 
 # Only what is missing is installed: torch==2.13.0 (the CPU build) when no torch is importable,
 # so a machine with its own torch (a GPU image) keeps it and needs no network.
-DEPS := safetensors huggingface_hub pytest numpy ninja
+DEPS := safetensors huggingface_hub msgpack pytest numpy ninja
 $(STAMP): $(VENV)/bin/python $(SOURCES)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	@missing=""; for m in $(DEPS); do $(PY) -c "import $$m" 2>/dev/null || missing="$$missing $$m"; done; \

@@ -1,4 +1,4 @@
-"""Command line: ``python -m lo_ops demo``."""
+"""Command line: ``python -m lo_ops demo`` and ``python -m lo_ops convert``."""
 
 from __future__ import annotations
 
@@ -53,6 +53,21 @@ def demo(args) -> int:
     return 0 if ours < start else 1
 
 
+def convert(args) -> int:
+    """Converts VeLO meta-weights to lo_ops' own single-directory layout."""
+    from lo_ops.velo_networks import convert_velo
+
+    source = args.source[0] if len(args.source) == 1 else tuple(args.source)
+    try:
+        out = convert_velo(source, args.out, revision=args.revision)
+    except (OSError, ValueError, TypeError) as e:
+        print(f"lo_ops convert: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote VeLO weights in lo_ops' layout to {out} (config.json, model.safetensors); "
+          f"load them with lo_ops.VeLO(params, num_steps, pretrained={str(out)!r})")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lo_ops")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,7 +77,22 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=demo)
+    c = sub.add_parser(
+        "convert",
+        help="convert VeLO weights (Google's msgpack file, PyLO's directories or Hub repos) "
+             "to lo_ops' own layout",
+    )
+    c.add_argument(
+        "source", nargs="+",
+        help="a flax-msgpack checkpoint file; a directory with VeLO_RNN/ and VeLO_MLP/; or two "
+             "PyLO directories or Hub repo ids (VeLO_RNN then VeLO_MLP)",
+    )
+    c.add_argument("--out", required=True, help="output directory")
+    c.add_argument("--revision", default=None, help="Hub revision (for repo ids)")
+    c.set_defaults(func=convert)
     args = parser.parse_args(argv)
+    if args.func is convert and len(args.source) > 2:
+        parser.error("convert takes one source, or two (VeLO_RNN and VeLO_MLP)")
     return args.func(args)
 
 

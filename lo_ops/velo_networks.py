@@ -323,10 +323,11 @@ def read_flax_msgpack(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     raw = path.read_bytes()
     try:
         state = msgpack.unpackb(raw, ext_hook=_msgpack_ext, raw=False, strict_map_key=False)
-    except ValueError as e:
-        raise ValueError(f"{path} is not a flax-msgpack checkpoint: {e}") from e
-    except Exception as e:  # msgpack's ExtraData / FormatError / OutOfData, truncated files
-        raise ValueError(f"{path} is not a readable msgpack file ({type(e).__name__}: {e})") from e
+    except Exception as e:  # msgpack's ExtraData / FormatError / OutOfData, bad arrays
+        raise ValueError(
+            f"{path} is not a readable flax-msgpack checkpoint, or is truncated "
+            f"({type(e).__name__}: {e})"
+        ) from e
     if not isinstance(state, Mapping):
         raise ValueError(f"{path}: a flax checkpoint is a msgpack map, got {type(state).__name__}")
     tree = state["params"] if "params" in state and isinstance(state["params"], Mapping) else state
