@@ -106,6 +106,20 @@ def small_fc_lopt_update(
     p.copy_(new_p.view(p.shape))
 
 
+def factored_state(params, fac_row, fac_col, fac_diag):
+    """Yields ``(i, p, fac_row, fac_col, fac_diag)`` per parameter from the ops' lists (the
+    factored lists hold tensors with ndim >= 2 in order, fac_diag the others); the entries a
+    parameter does not have are None."""
+    fi = di = 0
+    for i, p in enumerate(params):
+        if p.dim() >= 2:
+            yield i, p, fac_row[fi], fac_col[fi], None
+            fi += 1
+        else:
+            yield i, p, None, None, fac_diag[di]
+            di += 1
+
+
 @torch.no_grad()
 def small_fc_lopt_step_(
     params, grads, momentum, rms, fac_row, fac_col, fac_diag, state_steps, lr, meta_weights,
@@ -114,14 +128,7 @@ def small_fc_lopt_step_(
     """Reference of ``torch.ops.lo_ops.small_fc_lopt_step_`` (same arguments, same effect)."""
     weights = unpack_weights(meta_weights)
     lr = lr.float().reshape(())
-    fi = di = 0
-    for i, p in enumerate(params):
-        if p.dim() >= 2:
-            row, col, diag = fac_row[fi], fac_col[fi], None
-            fi += 1
-        else:
-            row, col, diag = None, None, fac_diag[di]
-            di += 1
+    for i, p, row, col, diag in factored_state(params, fac_row, fac_col, fac_diag):
         small_fc_lopt_update(
             p, grads[i], momentum[i], rms[i], row, col, diag, state_steps[i], lr=lr,
             weights=weights, decays=decays, weight_decay=weight_decay, step_mult=step_mult,

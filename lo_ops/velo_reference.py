@@ -23,7 +23,7 @@ from ._layout import (
     VELO_TIME_OFFSETS,
     unpack_velo_mlp,
 )
-from .reference import update_accumulators
+from .reference import factored_state, update_accumulators
 
 _MLP_BLEND_SCALE = 100.0 / VELO_PARAM_INITS  # 100 * mean over the weight sets
 
@@ -166,14 +166,7 @@ def velo_step_(params, grads, momentum, rms, fac_row, fac_col, fac_diag, lr, mlp
     """
     lr = lr.float().reshape(())
     keep = skip.reshape(()).bool()
-    fi = di = 0
-    for i, p in enumerate(params):
-        if p.dim() >= 2:
-            row, col, diag = fac_row[fi], fac_col[fi], None
-            fi += 1
-        else:
-            row, col, diag = None, None, fac_diag[di]
-            di += 1
+    for i, p, row, col, diag in factored_state(params, fac_row, fac_col, fac_diag):
         tensors = [t for t in (p, momentum[i], rms[i], row, col, diag) if t is not None]
         saved = [t.clone() for t in tensors]
         velo_update(p, grads[i], momentum[i], rms[i], row, col, diag, lr=lr, mlp=mlp_weights[i],

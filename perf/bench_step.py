@@ -1,10 +1,13 @@
 """Times one optimizer step on the parameter shapes of a real model.
 
-Compares lo_ops' fused SmallFCLOpt step with its pure-PyTorch reference and with
+Compares lo_ops' fused SmallFCLOpt and VeLO steps with their pure-PyTorch references and with
 torch.optim.AdamW(fused=True), all measured in the same run on the same tensors, and writes
-a JSON result to perf/results/. Ratios, not absolute times, are the targets.
+a JSON result to perf/results/. Ratios, not absolute times, are the targets. VeLO runs with
+the test meta-weights of ../shared/fixtures (same shapes, hence same cost, as the published
+ones) unless --velo-weights names others.
 
     python perf/bench_step.py [--set vit_tiny_16] [--device cpu] [--dtype float32]
+                              [--only velo_fused,adamw_fused]
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ import torch
 import lo_ops
 
 HERE = Path(__file__).resolve().parent
-PARAM_SETS = HERE.parent.parent / "shared" / "bench" / "param_sets.json"
+SHARED = HERE.parent.parent / "shared"
+PARAM_SETS = SHARED / "bench" / "param_sets.json"
+VELO_WEIGHTS = SHARED / "fixtures" / "velo_init" / "jax" / "params.msgpack"
 
 
 def make_params(shapes, device, dtype, seed=0):
@@ -52,15 +57,15 @@ def cpu_description():
     return info
 
 
-def time_step(opt, device, warmup, repeats):
+def time_step(step, device, warmup, repeats):
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for _ in range(warmup):
-        opt.step()
+        step()
     sync()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        opt.step()
+        step()
         sync()
         times.append(time.perf_counter() - t0)
     return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "repeats": repeats}
@@ -73,6 +78,8 @@ def main():
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--reference-repeats", type=int, default=3)
+    ap.add_argument("--velo-weights", default=str(VELO_WEIGHTS))
+    ap.add_argument("--only", default=None, help="comma-separated cases to run")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -80,20 +87,49 @@ def main():
     dtype = getattr(torch, args.dtype)
     numel = sum(torch.Size(s).numel() for s in shapes)
     results = {}
+    velo_net = lo_ops.load_velo_network(args.velo_weights)[0] if args.only is None or "velo" in args.only else None
+    loss = torch.tensor(2.5, device=args.device)
+
+    def plain(make):
+        def build(ps):
+            return make(ps).step
+        return build
+
+    def velo(fused):
+        def build(ps):
+            opt = lo_ops.VeLO(ps, num_steps=10_000, pretrained=velo_net, fused=fused)
+            return lambda: opt.step(loss=loss)
+        return build
+
     cases = {
-        "adamw_fused": (lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True), args.repeats),
-        "small_fc_lopt_fused": (lambda ps: lo_ops.SmallFCLOpt(ps, fused=True), args.repeats),
-        "small_fc_lopt_reference": (lambda ps: lo_ops.SmallFCLOpt(ps, fused=False), args.reference_repeats),
+        "adamw_fused": (plain(lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)), args.repeats),
+        "small_fc_lopt_fused": (plain(lambda ps: lo_ops.SmallFCLOpt(ps, fused=True)), args.repeats),
+        "small_fc_lopt_reference": (plain(lambda ps: lo_ops.SmallFCLOpt(ps, fused=False)), args.reference_repeats),
+        "velo_fused": (velo(True), args.repeats),
+        "velo_reference": (velo(False), args.reference_repeats),
     }
-    for name, (make, repeats) in cases.items():
+    if args.only:
+        wanted = args.only.split(",")
+        unknown = set(wanted) - set(cases)
+        if unknown:
+            ap.error(f"unknown cases {sorted(unknown)}; choose from {sorted(cases)}")
+        cases = {k: v for k, v in cases.items() if k in wanted}
+    for name, (build, repeats) in cases.items():
         params = make_params(shapes, args.device, dtype)
-        results[name] = time_step(make(params), args.device, warmup=1, repeats=repeats)
+        results[name] = time_step(build(params), args.device, warmup=1, repeats=repeats)
         print(f"{name:28s} {results[name]['median_ms']:10.2f} ms (median of {repeats})", flush=True)
-    fused = results["small_fc_lopt_fused"]["median_ms"]
+
+    def ratio(a, b):
+        return results[a]["median_ms"] / results[b]["median_ms"] if a in results and b in results else None
+
     ratios = {
-        "reference_over_fused": results["small_fc_lopt_reference"]["median_ms"] / fused,
-        "fused_over_adamw": fused / results["adamw_fused"]["median_ms"],
+        "small_fc_lopt_reference_over_fused": ratio("small_fc_lopt_reference", "small_fc_lopt_fused"),
+        "small_fc_lopt_fused_over_adamw": ratio("small_fc_lopt_fused", "adamw_fused"),
+        "velo_reference_over_fused": ratio("velo_reference", "velo_fused"),
+        "velo_fused_over_adamw": ratio("velo_fused", "adamw_fused"),
+        "velo_fused_over_small_fc_lopt_fused": ratio("velo_fused", "small_fc_lopt_fused"),
     }
+    ratios = {k: v for k, v in ratios.items() if v is not None}
     for k, v in ratios.items():
         print(f"{k:28s} {v:10.2f}x")
     record = {

@@ -38,3 +38,32 @@ def set_grads(params_list, step, scale=0.1):
 
 def make_opt(params, **kw):
     return lo_ops.SmallFCLOpt(params, **kw)
+
+
+def make_state(params, gen):
+    """Random accumulators for the ops' argument lists: momentum, rms, fac_row, fac_col, fac_diag."""
+    from lo_ops._layout import state_shapes
+
+    momentum, rms, fac_row, fac_col, fac_diag = [], [], [], [], []
+    for p in params:
+        s = state_shapes(p.shape)
+        momentum.append(torch.randn(s["momentum"], generator=gen) * 0.1)
+        rms.append(torch.rand(s["rms"], generator=gen))
+        if p.dim() >= 2:
+            fac_row.append(torch.rand(s["fac_row"], generator=gen))
+            fac_col.append(torch.rand(s["fac_col"], generator=gen))
+        else:
+            fac_diag.append(torch.rand(s["fac_diag"], generator=gen))
+    return momentum, rms, fac_row, fac_col, fac_diag
+
+
+class CountingBackend:
+    """A torch.compile backend that counts the graphs it is given."""
+
+    def __init__(self, backend):
+        self.backend = torch._dynamo.lookup_backend(backend)
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return self.backend(gm, example_inputs)

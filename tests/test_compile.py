@@ -5,19 +5,9 @@ import warnings
 import pytest
 import torch
 
-from helpers import clone_params, make_opt, make_params, set_grads
+from helpers import CountingBackend, clone_params, make_opt, make_params, set_grads
 
 SHAPES = [(), (5,), (7, 5), (6, 6), (3, 4, 6)]
-
-
-class CountingBackend:
-    def __init__(self, backend):
-        self.backend = torch._dynamo.lookup_backend(backend)
-        self.graphs = 0
-
-    def __call__(self, gm, example_inputs):
-        self.graphs += 1
-        return self.backend(gm, example_inputs)
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])

@@ -4,27 +4,18 @@ import pytest
 import torch
 
 import lo_ops  # noqa: F401
-from lo_ops._layout import effective_decays, state_shapes
+from lo_ops._layout import effective_decays
 from lo_ops.networks import normalised_adam_network
 
-from helpers import SHAPES, make_params
+from helpers import SHAPES, make_params, make_state
 
 
 def _op_args(shapes, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
     params = [p.detach() for p in make_params(shapes, dtype, seed=seed)]
     grads = [torch.randn(p.shape, generator=gen).to(dtype) for p in params]
-    momentum, rms, fac_row, fac_col, fac_diag, steps = [], [], [], [], [], []
-    for p in params:
-        s = state_shapes(p.shape)
-        momentum.append(torch.rand(s["momentum"], generator=gen))
-        rms.append(torch.rand(s["rms"], generator=gen))
-        if p.dim() >= 2:
-            fac_row.append(torch.rand(s["fac_row"], generator=gen))
-            fac_col.append(torch.rand(s["fac_col"], generator=gen))
-        else:
-            fac_diag.append(torch.rand(s["fac_diag"], generator=gen))
-        steps.append(torch.tensor(3.0))
+    momentum, rms, fac_row, fac_col, fac_diag = make_state(params, gen)
+    steps = [torch.tensor(3.0) for _ in params]
     net = normalised_adam_network()
     with torch.no_grad():  # a dense network so that every weight matters
         for layer in net.layers:

@@ -8,10 +8,10 @@ import torch
 
 import lo_ops
 from lo_ops import velo_reference as ref
-from lo_ops._layout import VELO_MLP_NUMEL, state_shapes
+from lo_ops._layout import VELO_MLP_NUMEL
 
 from conftest import VELO_FIXTURES
-from helpers import SHAPES, clone_params, make_params, set_grads
+from helpers import SHAPES, CountingBackend, clone_params, make_params, make_state, set_grads
 
 TOLERANCES = {
     torch.float32: dict(rtol=2e-5, atol=2e-6),
@@ -110,16 +110,7 @@ def _op_args(shapes, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
     params = [p.detach() for p in make_params(shapes, dtype, seed=seed)]
     grads = [torch.randn(p.shape, generator=gen).to(dtype) for p in params]
-    momentum, rms, fac_row, fac_col, fac_diag = [], [], [], [], []
-    for p in params:
-        s = state_shapes(p.shape)
-        momentum.append(torch.randn(s["momentum"], generator=gen) * 0.1)
-        rms.append(torch.rand(s["rms"], generator=gen))
-        if p.dim() >= 2:
-            fac_row.append(torch.rand(s["fac_row"], generator=gen))
-            fac_col.append(torch.rand(s["fac_col"], generator=gen))
-        else:
-            fac_diag.append(torch.rand(s["fac_diag"], generator=gen))
+    momentum, rms, fac_row, fac_col, fac_diag = make_state(params, gen)
     n = len(params)
     mlp = torch.randn(n, VELO_MLP_NUMEL, generator=gen) * 0.3
     lr_mult = torch.rand(n, generator=gen)
@@ -255,16 +246,6 @@ def test_step_with_closure_returns_its_loss(net):
 
 
 # -- torch.compile --------------------------------------------------------------------------------
-class CountingBackend:
-    def __init__(self, backend):
-        self.backend = torch._dynamo.lookup_backend(backend)
-        self.graphs = 0
-
-    def __call__(self, gm, example_inputs):
-        self.graphs += 1
-        return self.backend(gm, example_inputs)
-
-
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compiled_step_equals_eager_no_recompiles(net, backend):
     torch._dynamo.reset()
