@@ -145,39 +145,79 @@ inline void add_reduce_tasks(std::vector<ReduceTask>& tasks, int tensor, int kin
                        std::min(I, i0 + ib)});
 }
 
-// sum over r of value(o, r, i) for i in [i0, i1), accumulated in double, in a fixed order.
-template <typename F>
-void reduce_middle(const ReduceTask& t, int64_t o, F value, double* acc) {
+// sum over r of x(o, r, i) for i in [i0, i1), where load(e, count) returns the `count` values
+// from flat index e on as float vector lanes (the rest zero). Summed in double vector lanes,
+// combined in a fixed order.
+typedef double VecD4 __attribute__((vector_size(32)));
+typedef double VecD8 __attribute__((vector_size(64)));
+typedef double VecD16 __attribute__((vector_size(128)));
+template <int L>
+struct DoubleLanes;
+template <>
+struct DoubleLanes<4> {
+  using type = VecD4;
+};
+template <>
+struct DoubleLanes<8> {
+  using type = VecD8;
+};
+template <>
+struct DoubleLanes<16> {
+  using type = VecD16;
+};
+
+template <typename V, typename Load>
+LO_HD void reduce_middle(const ReduceTask& t, int64_t o, Load load, double* acc) {
+  constexpr int L = kLanesOf<V>;
+  using VD = typename DoubleLanes<L>::type;
   const int64_t width = t.i1 - t.i0;
-  if (width == 1) {
-    // A contiguous reduction: four interleaved partial sums, combined in a fixed order.
-    double part[4] = {0, 0, 0, 0};
-    int64_t r = 0;
-    for (; r + 4 <= t.R; r += 4)
-      for (int k = 0; k < 4; ++k) part[k] += value((o * t.R + r + k) * t.I + t.i0);
-    for (; r < t.R; ++r) part[r & 3] += value((o * t.R + r) * t.I + t.i0);
-    acc[0] = (part[0] + part[1]) + (part[2] + part[3]);
+  if (t.I == 1) {  // contiguous along r
+    VD part{};
+    const int64_t base = o * t.R;
+    for (int64_t r = 0; r < t.R; r += L)
+      part += __builtin_convertvector(load(base + r, static_cast<int>(std::min<int64_t>(L, t.R - r))), VD);
+    double s = 0.0;
+    for (int l = 0; l < L; ++l) s += part[l];
+    acc[0] = s;
     return;
   }
-  for (int64_t i = 0; i < width; ++i) acc[i] = 0.0;
+  constexpr int kMaxVectors = 256 / L;
+  VD part[kMaxVectors];
+  const int vectors = static_cast<int>((width + L - 1) / L);
+  for (int k = 0; k < vectors; ++k) part[k] = VD{};
   for (int64_t r = 0; r < t.R; ++r) {
     const int64_t base = (o * t.R + r) * t.I + t.i0;
-    for (int64_t i = 0; i < width; ++i) acc[i] += value(base + i);
+    for (int k = 0; k < vectors; ++k)
+      part[k] += __builtin_convertvector(
+          load(base + k * L, static_cast<int>(std::min<int64_t>(L, width - k * L))), VD);
+  }
+  for (int k = 0; k < vectors; ++k) {
+    const int count = static_cast<int>(std::min<int64_t>(L, width - k * L));
+    for (int l = 0; l < count; ++l) acc[k * L + l] = part[k][l];
   }
 }
 
-template <class P, typename scalar_t>
-void run_reduce_task(const ReduceTask& t, TensorWork<P>& w, const float* decays) {
+// The first `count` lanes of x, the others zero.
+template <typename V>
+LO_HD V first_lanes(V x, int count) {
+  if (count < kLanesOf<V>)
+    for (int l = count; l < kLanesOf<V>; ++l) x[l] = 0.f;
+  return x;
+}
+
+template <class P, typename Isa, typename scalar_t>
+LO_HD void run_reduce_task(const ReduceTask& t, TensorWork<P>& w, const float* decays) {
+  using V = typename Isa::V;
   double acc[256];
   if (t.kind == 0 || t.kind == 1) {
     const scalar_t* g = w.g.template data_ptr<scalar_t>();
     float* state = t.kind == 0 ? w.row : w.col;
     const int64_t size = t.kind == 0 ? w.info.geo.row_numel() : w.info.geo.col_numel();
+    const auto gsq = [&](int64_t e, int count) {
+      return first_lanes(factored_gsq(P::grad(load_lanes<V>(g + e, count))), count);
+    };
     for (int64_t o = t.o0; o < t.o1; ++o) {
-      reduce_middle(
-          t, o,
-          [&](int64_t e) { return static_cast<double>(factored_gsq(P::grad(load(g, e)))); },
-          acc);
+      reduce_middle<V>(t, o, gsq, acc);
       for (int64_t i = t.i0; i < t.i1; ++i) {
         const int64_t idx = o * t.I + i;
         const float mean = static_cast<float>(acc[i - t.i0] / static_cast<double>(t.R));
@@ -200,8 +240,9 @@ void run_reduce_task(const ReduceTask& t, TensorWork<P>& w, const float* decays)
   const int64_t size = w.info.geo.row_numel();
   for (int k = 0; k < kFactoredChannels; ++k) {
     const float* r = w.row + k * size;
+    const auto values = [&](int64_t e, int count) { return load_lanes<V>(r + e, count); };
     for (int64_t o = t.o0; o < t.o1; ++o) {
-      reduce_middle(t, o, [&](int64_t e) { return static_cast<double>(r[e]); }, acc);
+      reduce_middle<V>(t, o, values, acc);
       for (int64_t i = t.i0; i < t.i1; ++i) {
         const float mean = static_cast<float>(acc[i - t.i0] / static_cast<double>(t.R));
         for (int64_t rr = 0; rr < t.R; ++rr) {
@@ -450,8 +491,7 @@ LO_HD void update_chunk(TensorWork<P>& w, int64_t e0, int64_t e1, const float* d
       if (count[h] == 0) continue;
       const V step = step_from_outputs(direction.t[h], magnitude.t[h], exp_mult, w.step_scale);
       const V updated = apply_step(p_old[h], step, lr, weight_decay);
-      scalar_t* out = p + e + h * L;
-      for (int l = 0; l < count[h]; ++l) out[l] = static_cast<scalar_t>(updated[l]);
+      store_lanes(p + e + h * L, updated, count[h]);
     }
   }
 }
@@ -469,6 +509,10 @@ LO_HD void update_chunk(TensorWork<P>& w, int64_t e0, int64_t e1, const float* d
 #endif
 
 #define LO_DEFINE_ENTRIES(NAME, ISA, TARGET)                                                   \
+  template <class P, typename scalar_t>                                                        \
+  TARGET void reduce_task_##NAME(const ReduceTask& t, TensorWork<P>& w, const float* decays) { \
+    run_reduce_task<P, ISA, scalar_t>(t, w, decays);                                           \
+  }                                                                                            \
   template <class P, typename scalar_t, bool factored>                                         \
   TARGET void accumulate_chunk_##NAME(TensorWork<P>& w, int64_t e0, int64_t e1,                \
                                       const float* decays, double* sums) {                     \
@@ -508,6 +552,15 @@ inline CpuIsa select_isa() {
     if (static_cast<int>(wanted) < static_cast<int>(best)) best = wanted;
   }
   return best;
+}
+
+template <class P, typename scalar_t>
+void reduce_task_for(CpuIsa isa, const ReduceTask& t, TensorWork<P>& w, const float* decays) {
+#if LO_HAVE_ISA_CLONES
+  if (isa == CpuIsa::kAvx512) return reduce_task_avx512<P, scalar_t>(t, w, decays);
+  if (isa == CpuIsa::kAvx2) return reduce_task_avx2<P, scalar_t>(t, w, decays);
+#endif
+  reduce_task_base<P, scalar_t>(t, w, decays);
 }
 
 template <class P, typename scalar_t, bool factored>
@@ -641,7 +694,7 @@ void step_bucket(std::vector<TensorWork<P>>& work, const float* decays, float lr
     return (reduce[i].o1 - reduce[i].o0) * reduce[i].R * (reduce[i].i1 - reduce[i].i0);
   };
   parallel_items(static_cast<int64_t>(reduce.size()), reduce_cost, [&](int64_t i) {
-    run_reduce_task<P, scalar_t>(reduce[i], work[reduce[i].tensor], decays);
+    reduce_task_for<P, scalar_t>(isa, reduce[i], work[reduce[i].tensor], decays);
   });
   reduce.clear();
   for (int ti = 0; ti < static_cast<int>(work.size()); ++ti) {
@@ -655,7 +708,7 @@ void step_bucket(std::vector<TensorWork<P>>& work, const float* decays, float lr
       add_reduce_tasks(reduce, ti, 2, geo.A, geo.P, geo.B * geo.C);
   }
   parallel_items(static_cast<int64_t>(reduce.size()), reduce_cost, [&](int64_t i) {
-    run_reduce_task<P, scalar_t>(reduce[i], work[reduce[i].tensor], decays);
+    reduce_task_for<P, scalar_t>(isa, reduce[i], work[reduce[i].tensor], decays);
   });
 
   // Pass 2: per-element accumulators and feature statistics.

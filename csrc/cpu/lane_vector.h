@@ -136,14 +136,16 @@ LO_HD V load_lanes(const scalar_t* src, int count) {
   }
 }
 
-// The first `count` lanes of v into dst.
-template <typename V>
-LO_HD void store_lanes(float* dst, const V& v, int count) {
-  if (count == kLanesOf<V>) {
-    std::memcpy(dst, &v, sizeof(v));
-  } else {
-    for (int l = 0; l < count; ++l) dst[l] = v[l];
+// The first `count` lanes of v into dst (converted to dst's type).
+template <typename V, typename scalar_t>
+LO_HD void store_lanes(scalar_t* dst, const V& v, int count) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (count == kLanesOf<V>) {
+      std::memcpy(dst, &v, sizeof(v));
+      return;
+    }
   }
+  for (int l = 0; l < count; ++l) dst[l] = static_cast<scalar_t>(v[l]);
 }
 
 }  // namespace lo_ops
