@@ -48,10 +48,9 @@ def _rel(a, b):
 
 
 @pytest.fixture(scope="module")
-def net():
-    from conftest import VELO_FIXTURES
-
-    return load_velo_network(VELO_FIXTURES["pylo"]())[0]
+def net(velo_fixture):
+    """The test meta-weights, loaded through each external layout in turn."""
+    return load_velo_network(velo_fixture)[0]
 
 
 def test_loss_buffer_matches(velo_vectors):
