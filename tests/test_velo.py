@@ -373,3 +373,44 @@ def test_ops_reject_bad_arguments():
     bad[3] = [bad[3][0], torch.zeros(4)] + bad[3][2:]
     with pytest.raises(RuntimeError, match=r"velo_lstm_input: rms\[1\]"):
         torch.ops.lo_ops.velo_lstm_input(*bad)
+
+
+def test_ops_do_not_depend_on_thread_count():
+    """The fused ops' results are bit-identical with 1 and with several threads."""
+    outs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            step_args, input_args = _op_args([(300, 70), (5,), (9000,), (40, 50, 32)], torch.float32)
+            X, finite = torch.ops.lo_ops.velo_lstm_input(*input_args)
+            torch.ops.lo_ops.velo_step_(*step_args)
+            outs.append([X] + [t for lst in step_args[:7] for t in lst])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
+def test_mixed_dtypes_share_one_lstm_and_one_skip_decision(net, fused):
+    """fp32 and bf16 parameters go to separate per-element calls, but the LSTM pools over all
+    of them, and a NaN among the bf16 gradients skips the fp32 tensors too."""
+    fp32 = make_params([(7, 5), (5,)], non_contiguous=False)
+    bf16 = make_params([(4, 6), (3,)], torch.bfloat16, seed=1, non_contiguous=False)
+    params = fp32 + bf16
+    twin = clone_params(params)
+    opt = lo_ops.VeLO(params, num_steps=10, pretrained=net, fused=fused)
+    other = lo_ops.VeLO(twin, num_steps=10, pretrained=net, fused=not fused)
+    for k in range(3):
+        set_grads([params, twin], k)
+        opt.step(loss=_loss(k))
+        other.step(loss=_loss(k))
+    for a, b in zip(params, twin):
+        torch.testing.assert_close(a, b, **TOLERANCES[a.dtype])
+    before = [p.detach().clone() for p in params]
+    set_grads([params], 3)
+    params[3].grad[1] = float("nan")
+    opt.step(loss=_loss(3))
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)
