@@ -50,7 +50,13 @@ def demo(args) -> int:
     base = run("AdamW", lambda ps: torch.optim.AdamW(ps, lr=1e-3))
     start = torch.nn.functional.mse_loss(torch.zeros_like(y), y).item()
     print(f"loss of predicting zero: {start:.5f}; SmallFCLOpt: {ours:.5f}; AdamW: {base:.5f}")
-    return 0 if ours < start else 1
+    ok = ours < start
+    if args.velo:
+        print(f"VeLO with the weights in {args.velo} (num_steps={args.steps}):")
+        velo = run("VeLO", lambda ps: lo_ops.VeLO(ps, num_steps=args.steps, pretrained=args.velo))
+        print(f"VeLO: {velo:.5f}")
+        ok = ok and velo == velo  # finite
+    return 0 if ok else 1
 
 
 def convert(args) -> int:
@@ -76,6 +82,8 @@ def main(argv=None) -> int:
     p.add_argument("--every", type=int, default=50)
     p.add_argument("--lr", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--velo", default=None, metavar="WEIGHTS",
+                   help="also train with VeLO, loading its weights from WEIGHTS (any layout)")
     p.set_defaults(func=demo)
     c = sub.add_parser(
         "convert",

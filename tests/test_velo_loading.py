@@ -194,3 +194,26 @@ def test_bad_sources(tmp_path):
     lo_ops.SmallFCLOptNetwork().save_pretrained(small)
     with pytest.raises(ValueError, match="not a VeLO checkpoint"):
         load_velo_network(small)
+
+
+def test_convert_two_pylo_sources(tmp_path, reference_net):
+    root = VELO_FIXTURES["pylo"]()
+    out = tmp_path / "velo"
+    assert main(["convert", str(root / "VeLO_RNN"), str(root / "VeLO_MLP"), "--out", str(out)]) == 0
+    _same(load_velo_network(out)[0], reference_net)
+
+
+def test_hub_repo_in_lo_ops_layout(tmp_path, monkeypatch, reference_net):
+    import huggingface_hub
+
+    converted = tmp_path / "converted"
+    reference_net.save_pretrained(converted)
+
+    def fake_download(repo_id, filename, **kwargs):
+        assert repo_id == "someone/velo"
+        return str(converted / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    net, layout = load_velo_network("someone/velo")
+    assert layout == "lo_ops"
+    _same(net, reference_net)
