@@ -229,7 +229,9 @@ def _load_own_layout(directory: Path, source: str) -> VeLONetwork:
 
 
 def _map_keys(tensors: Mapping[str, torch.Tensor], key_map: Mapping[str, str | None], what: str,
-              expected_shapes: Mapping[str, tuple] = {}) -> dict[str, torch.Tensor]:
+              expected_shapes: Mapping[str, tuple]) -> dict[str, torch.Tensor]:
+    """Our keys from ``key_map`` (None: checked, then dropped); every key must be present, and
+    the dropped ones must have their ``expected_shapes``."""
     missing = sorted(set(key_map) - set(tensors))
     extra = sorted(set(tensors) - set(key_map))
     if missing or extra:
