@@ -67,5 +67,47 @@ LO_HD void features(const ElementInputs<T>& e, T (&f)[kFeatures]) {
   accumulator_features(e, kFirstRowChannel, f);
 }
 
+// What the shared kernels (CPU: cpu/adafactor_mlp_cpu.h, CUDA: cuda/adafactor_mlp.cuh) need to
+// know of small_fc_lopt: feature layout, MLP sizes and offsets, the first-layer bias (b0 plus
+// the time features) and the step scale (step_mult).
+struct Policy {
+  static constexpr int kFeatures = small_fc_lopt::kFeatures;
+  static constexpr int kElementFeatures = small_fc_lopt::kElementFeatures;
+  static constexpr int kFirstRowChannel = small_fc_lopt::kFirstRowChannel;
+  static constexpr int kFirstColChannel = small_fc_lopt::kFirstColChannel;
+  static constexpr int kParamChannel = small_fc_lopt::kParamChannel;
+  static constexpr int kHidden = small_fc_lopt::kHidden;
+  static constexpr int kInputs = small_fc_lopt::kInputs;  // row stride of W0
+  static constexpr int kW0 = small_fc_lopt::kW0, kB0 = small_fc_lopt::kB0;
+  static constexpr int kW1 = small_fc_lopt::kW1, kB1 = small_fc_lopt::kB1;
+  static constexpr int kW2 = small_fc_lopt::kW2, kB2 = small_fc_lopt::kB2;
+  static constexpr float kUnfactoredMomentumEps = small_fc_lopt::kUnfactoredMomentumEps;
+
+  template <typename T>
+  static LO_HD T grad(T g) {
+    return g;
+  }
+  static LO_HD int element_channel(int i) { return small_fc_lopt::element_channel(i); }
+  template <typename T>
+  static LO_HD void element_features(const ElementInputs<T>& e, T (&f)[kElementFeatures]) {
+    small_fc_lopt::element_features(e, f);
+  }
+  template <typename T>
+  static LO_HD void features(const ElementInputs<T>& e, T (&f)[kFeatures]) {
+    small_fc_lopt::features(e, f);
+  }
+  // b0 plus the time features of step t (the same for every element of the tensor).
+  static LO_HD float first_bias(const float* weights, float t, int j) {
+    const float* row = weights + kW0 + j * kInputs;
+    float b = weights[kB0 + j];
+    for (int k = 0; k < kTimeFeatures; ++k) b += row[kFeatures + k] * time_feature(t, k);
+    return b;
+  }
+  static LO_HD float step_scale(float /*lr_mult*/, double /*sum_p_sq*/, int64_t /*n*/,
+                                float step_mult) {
+    return step_mult;
+  }
+};
+
 }  // namespace small_fc_lopt
 }  // namespace lo_ops

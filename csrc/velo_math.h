@@ -78,6 +78,44 @@ LO_HD float param_scale(double sum_p_sq, int64_t n) {
   return sqrtf(static_cast<float>(sum_p_sq / static_cast<double>(n)) + 1e-9f);
 }
 
+// What the shared kernels need to know of VeLO's per-element part: feature layout, MLP sizes
+// and offsets (each tensor has its own blended MLP), the first-layer bias (b0) and the step
+// scale lr_mult * param_scale * step_mult.
+struct Policy {
+  static constexpr int kFeatures = velo::kFeatures;
+  static constexpr int kElementFeatures = velo::kElementFeatures;
+  static constexpr int kFirstRowChannel = velo::kFirstRowChannel;
+  static constexpr int kFirstColChannel = velo::kFirstColChannel;
+  static constexpr int kParamChannel = velo::kParamChannel;
+  static constexpr int kHidden = velo::kHidden;
+  static constexpr int kInputs = velo::kInputs;  // row stride of W0
+  static constexpr int kW0 = velo::kW0, kB0 = velo::kB0;
+  static constexpr int kW1 = velo::kW1, kB1 = velo::kB1;
+  static constexpr int kW2 = velo::kW2, kB2 = velo::kB2;
+  static constexpr float kUnfactoredMomentumEps = velo::kUnfactoredMomentumEps;
+
+  template <typename T>
+  static LO_HD T grad(T g) {
+    return clip_grad(g);
+  }
+  static LO_HD int element_channel(int i) { return velo::element_channel(i); }
+  template <typename T>
+  static LO_HD void element_features(const ElementInputs<T>& e, T (&f)[kElementFeatures]) {
+    velo::element_features(e, f);
+  }
+  template <typename T>
+  static LO_HD void features(const ElementInputs<T>& e, T (&f)[kFeatures]) {
+    velo::features(e, f);
+  }
+  static LO_HD float first_bias(const float* weights, float /*t*/, int j) {
+    return weights[kB0 + j];
+  }
+  // The sum of squares of the p channel is sum p^2.
+  static LO_HD float step_scale(float lr_mult, double sum_p_sq, int64_t n, float step_mult) {
+    return lr_mult * param_scale(sum_p_sq, n) * step_mult;
+  }
+};
+
 // -- the per-tensor LSTM input (spec 3.2) --------------------------------------------------------
 constexpr int kLstmInputs = 30;
 constexpr int kTimeFeatures = 9;

@@ -1,7 +1,7 @@
 // The CPU kernel shared by small_fc_lopt_step_ and velo_step_: Adafactor-style accumulators,
 // normalised per-element features and a small per-element MLP, over a whole bucket of
 // parameters. The optimizer-specific parts (feature layout, MLP sizes, first-layer bias, step
-// scale) come from a policy type P (see SmallFCLOptPolicy and VeLOPolicy).
+// scale) come from a policy type P (small_fc_lopt::Policy, velo::Policy).
 //
 // Three passes, each one parallel over a work list that spans all tensors, split between
 // threads by cost (300 small tensors cost a few parallel regions, not 900):
@@ -640,12 +640,12 @@ void fold_first_layer(TensorWork<P>& w, const double* element_sums, float step_m
   }
   float scale[F];
   for (int c = 0; c < F; ++c) scale[c] = normalisation_scale(sums[c], w.info.numel);
-  w.step_scale = P::step_scale(w, sums[P::kParamChannel], step_mult);
+  w.step_scale = P::step_scale(w.lr_mult, sums[P::kParamChannel], w.info.numel, step_mult);
   for (int j = 0; j < P::kHidden; ++j) {
     const float* row = w.weights + P::kW0 + j * P::kInputs;
     float ws[F];
     for (int c = 0; c < F; ++c) ws[c] = row[c] * scale[c];
-    w.b0t[j] = P::first_bias(w, j);
+    w.b0t[j] = P::first_bias(w.weights, w.t, j);
     if (!w.info.factored) {
       for (int c = 0; c < F; ++c) w.w0s[j * F + c] = ws[c];
       continue;

@@ -11,46 +11,7 @@
 namespace lo_ops {
 namespace {
 
-struct SmallFCLOptPolicy {
-  static constexpr int kFeatures = small_fc_lopt::kFeatures;
-  static constexpr int kElementFeatures = small_fc_lopt::kElementFeatures;
-  static constexpr int kFirstRowChannel = small_fc_lopt::kFirstRowChannel;
-  static constexpr int kFirstColChannel = small_fc_lopt::kFirstColChannel;
-  static constexpr int kParamChannel = small_fc_lopt::kParamChannel;
-  static constexpr int kHidden = small_fc_lopt::kHidden;
-  static constexpr int kInputs = small_fc_lopt::kInputs;  // row stride of W0
-  static constexpr int kW0 = small_fc_lopt::kW0, kB0 = small_fc_lopt::kB0;
-  static constexpr int kW1 = small_fc_lopt::kW1, kB1 = small_fc_lopt::kB1;
-  static constexpr int kW2 = small_fc_lopt::kW2, kB2 = small_fc_lopt::kB2;
-  static constexpr float kUnfactoredMomentumEps = small_fc_lopt::kUnfactoredMomentumEps;
-
-  template <typename T>
-  static LO_HD T grad(T g) {
-    return g;
-  }
-  static LO_HD int element_channel(int i) { return small_fc_lopt::element_channel(i); }
-  template <typename T>
-  static LO_HD void element_features(const ElementInputs<T>& e, T (&f)[kElementFeatures]) {
-    small_fc_lopt::element_features(e, f);
-  }
-  template <typename T>
-  static LO_HD void features(const ElementInputs<T>& e, T (&f)[kFeatures]) {
-    small_fc_lopt::features(e, f);
-  }
-  // b0 plus the time features (the same for every element of the tensor).
-  template <typename W>
-  static float first_bias(const W& w, int j) {
-    const float* row = w.weights + kW0 + j * kInputs;
-    float b = w.weights[kB0 + j];
-    for (int k = 0; k < small_fc_lopt::kTimeFeatures; ++k)
-      b += row[kFeatures + k] * small_fc_lopt::time_feature(w.t, k);
-    return b;
-  }
-  template <typename W>
-  static float step_scale(const W&, double, float step_mult) {
-    return step_mult;
-  }
-};
+using SmallFCLOptPolicy = small_fc_lopt::Policy;
 
 using Work = cpu::TensorWork<SmallFCLOptPolicy>;
 

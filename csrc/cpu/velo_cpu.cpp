@@ -18,42 +18,7 @@
 namespace lo_ops {
 namespace {
 
-struct VeLOPolicy {
-  static constexpr int kFeatures = velo::kFeatures;
-  static constexpr int kElementFeatures = velo::kElementFeatures;
-  static constexpr int kFirstRowChannel = velo::kFirstRowChannel;
-  static constexpr int kFirstColChannel = velo::kFirstColChannel;
-  static constexpr int kParamChannel = velo::kParamChannel;
-  static constexpr int kHidden = velo::kHidden;
-  static constexpr int kInputs = velo::kInputs;  // row stride of W0
-  static constexpr int kW0 = velo::kW0, kB0 = velo::kB0;
-  static constexpr int kW1 = velo::kW1, kB1 = velo::kB1;
-  static constexpr int kW2 = velo::kW2, kB2 = velo::kB2;
-  static constexpr float kUnfactoredMomentumEps = velo::kUnfactoredMomentumEps;
-
-  template <typename T>
-  static LO_HD T grad(T g) {
-    return velo::clip_grad(g);
-  }
-  static LO_HD int element_channel(int i) { return velo::element_channel(i); }
-  template <typename T>
-  static LO_HD void element_features(const ElementInputs<T>& e, T (&f)[kElementFeatures]) {
-    velo::element_features(e, f);
-  }
-  template <typename T>
-  static LO_HD void features(const ElementInputs<T>& e, T (&f)[kFeatures]) {
-    velo::features(e, f);
-  }
-  template <typename W>
-  static float first_bias(const W& w, int j) {
-    return w.weights[kB0 + j];
-  }
-  // lr_mult * param_scale * step_mult; the sum of squares of the p channel is sum p^2.
-  template <typename W>
-  static float step_scale(const W& w, double sum_p_sq, float step_mult) {
-    return w.lr_mult * velo::param_scale(sum_p_sq, w.info.numel) * step_mult;
-  }
-};
+using VeLOPolicy = velo::Policy;
 
 using Work = cpu::TensorWork<VeLOPolicy>;
 
