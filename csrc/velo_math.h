@@ -146,6 +146,41 @@ struct TensorMoments {
   double v_spread_sq[kMomentumChannels] = {0, 0, 0};
 };
 
+// What one chunk [e0, e1) of a tensor contributes: plain sums, and sums of squares about the
+// chunk's own means (so that spreads about large means do not cancel).
+struct ChunkMoments {
+  double p_sq = 0, v = 0, v_sq_about_mean = 0;
+  double m[kMomentumChannels] = {0, 0, 0};
+  double m_sq_about_mean[kMomentumChannels] = {0, 0, 0};
+  bool finite = true;
+};
+
+// The moments of a whole tensor from its chunks of `chunk` elements (the last one shorter), in
+// chunk order: the sum of squares about the tensor mean is, per chunk, the sum of squares
+// about the chunk mean plus count * (chunk mean - tensor mean)^2.
+LO_HD TensorMoments combine_chunks(const ChunkMoments* chunks, int64_t num_chunks, int64_t numel,
+                                   int64_t chunk) {
+  TensorMoments mo;
+  const double n = static_cast<double>(numel);
+  for (int64_t c = 0; c < num_chunks; ++c) {
+    mo.p_sq += chunks[c].p_sq;
+    mo.v += chunks[c].v;
+    for (int k = 0; k < kMomentumChannels; ++k) mo.m[k] += chunks[c].m[k];
+  }
+  for (int k = 0; k < kMomentumChannels; ++k) {
+    const double mu = mo.m[k] / n;  // the tensor's momentum mean, channel k
+    for (int64_t c = 0; c < num_chunks; ++c) {
+      const int64_t left = numel - c * chunk;
+      const double count = static_cast<double>(left < chunk ? left : chunk);
+      const double dm = chunks[c].m[k] / count - mu;
+      const double dv = chunks[c].v / count - mu;
+      mo.m_centred_sq[k] += chunks[c].m_sq_about_mean[k] + count * dm * dm;
+      mo.v_spread_sq[k] += chunks[c].v_sq_about_mean + count * dv * dv;
+    }
+  }
+  return mo;
+}
+
 // Row 30 of X for one tensor (all but the time and loss features, written by the caller).
 // s = rsqrt(max(1e-9, mean p^2)); the momentum and rms statistics scale with s and s^2.
 // `dims` is the number of axes longer than 1.

@@ -53,15 +53,6 @@ void velo_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
 
 // -- velo_lstm_input ------------------------------------------------------------------------------
 
-// What one chunk [e0, e1) of a tensor contributes: plain sums, and sums of squares about the
-// chunk's own means.
-struct ChunkMoments {
-  double p_sq = 0, v = 0, v_sq_about_mean = 0;
-  double m[kMomentumChannels] = {0, 0, 0};
-  double m_sq_about_mean[kMomentumChannels] = {0, 0, 0};
-  bool finite = true;
-};
-
 // Float vector partial sums over at most kFloatTiles tiles, folded into per-lane doubles.
 template <typename V>
 struct LaneSums {
@@ -81,7 +72,7 @@ struct LaneSums {
 
 template <typename Isa, typename scalar_t>
 LO_HD void chunk_moments(const scalar_t* p, const scalar_t* g, const float* m, int64_t n,
-                         const float* v, int64_t e0, int64_t e1, ChunkMoments& out) {
+                         const float* v, int64_t e0, int64_t e1, velo::ChunkMoments& out) {
   using V = typename Isa::V;
   constexpr int L = kLanesOf<V>;
   LaneSums<V> p_sq, v_sum, m_sum[kMomentumChannels];
@@ -146,7 +137,7 @@ LO_HD void chunk_moments(const scalar_t* p, const scalar_t* g, const float* m, i
   template <typename scalar_t>                                                                 \
   TARGET void chunk_moments_##NAME(const scalar_t* p, const scalar_t* g, const float* m,       \
                                    int64_t n, const float* v, int64_t e0, int64_t e1,          \
-                                   ChunkMoments& out) {                                        \
+                                   velo::ChunkMoments& out) {                                        \
     chunk_moments<ISA, scalar_t>(p, g, m, n, v, e0, e1, out);                                  \
   }
 
@@ -158,34 +149,12 @@ LO_DEFINE_MOMENT_ENTRY(avx512, IsaAvx512, LO_TARGET_AVX512)
 
 template <typename scalar_t>
 void chunk_moments_for(cpu::CpuIsa isa, const scalar_t* p, const scalar_t* g, const float* m,
-                       int64_t n, const float* v, int64_t e0, int64_t e1, ChunkMoments& out) {
+                       int64_t n, const float* v, int64_t e0, int64_t e1, velo::ChunkMoments& out) {
 #if LO_HAVE_ISA_CLONES
   if (isa == cpu::CpuIsa::kAvx512) return chunk_moments_avx512(p, g, m, n, v, e0, e1, out);
   if (isa == cpu::CpuIsa::kAvx2) return chunk_moments_avx2(p, g, m, n, v, e0, e1, out);
 #endif
   chunk_moments_base(p, g, m, n, v, e0, e1, out);
-}
-
-// The moments of a whole tensor from its chunks, in chunk order.
-velo::TensorMoments combine_chunks(const ChunkMoments* chunks, int64_t num_chunks, int64_t numel) {
-  velo::TensorMoments mo;
-  const double n = static_cast<double>(numel);
-  for (int64_t c = 0; c < num_chunks; ++c) {
-    mo.p_sq += chunks[c].p_sq;
-    mo.v += chunks[c].v;
-    for (int k = 0; k < kMomentumChannels; ++k) mo.m[k] += chunks[c].m[k];
-  }
-  for (int k = 0; k < kMomentumChannels; ++k) {
-    const double mu = mo.m[k] / n;  // the tensor's momentum mean, channel k
-    for (int64_t c = 0; c < num_chunks; ++c) {
-      const double count = static_cast<double>(std::min(cpu::kChunk, numel - c * cpu::kChunk));
-      const double dm = chunks[c].m[k] / count - mu;
-      const double dv = chunks[c].v / count - mu;
-      mo.m_centred_sq[k] += chunks[c].m_sq_about_mean[k] + count * dm * dm;
-      mo.v_spread_sq[k] += chunks[c].v_sq_about_mean + count * dv * dv;
-    }
-  }
-  return mo;
 }
 
 std::tuple<at::Tensor, at::Tensor> velo_lstm_input_cpu(at::TensorList params,
@@ -221,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor> velo_lstm_input_cpu(at::TensorList params,
       chunks.push_back({i, e0, std::min(n, e0 + cpu::kChunk)});
   }
   first[T] = static_cast<int64_t>(chunks.size());
-  std::vector<ChunkMoments> moments(chunks.size());
+  std::vector<velo::ChunkMoments> moments(chunks.size());
   const cpu::CpuIsa isa = cpu::select_isa();
   if (T > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(),
@@ -251,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor> velo_lstm_input_cpu(at::TensorList params,
     for (const int64_t s : params[i].sizes()) dims += s > 1 ? 1 : 0;
     const int64_t n = params[i].numel();
     const velo::TensorMoments mo =
-        n > 0 ? combine_chunks(moments.data() + first[i], first[i + 1] - first[i], n)
+        n > 0 ? velo::combine_chunks(moments.data() + first[i], first[i + 1] - first[i], n, cpu::kChunk)
               : velo::TensorMoments{};
     velo::lstm_tensor_features(mo, n, dims, row);
   }
