@@ -44,6 +44,8 @@ def _extension():
         py_limited_api=True,
     )
     if _cuda_requested() and cuda_sources:
+        # A100 and H100 at least (and PTX for newer GPUs) unless the caller chose.
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         return CUDAExtension(
             sources=sources + cuda_sources,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},

@@ -13,7 +13,7 @@
 #include <numeric>
 #include <vector>
 
-#include "small_fc_lopt_math.h"
+#include "lopt_math.h"
 
 namespace lo_ops {
 
@@ -22,12 +22,12 @@ struct FactoredGeometry {
   int d0 = -1, d1 = -1;
   bool d0_is_p = false;
 
-  int64_t numel() const { return A * P * B * Q * C; }
-  int64_t drop_p_numel() const { return A * B * Q * C; }
-  int64_t drop_q_numel() const { return A * P * B * C; }
-  int64_t drop_pq_numel() const { return A * B * C; }
-  int64_t row_numel() const { return d0_is_p ? drop_p_numel() : drop_q_numel(); }
-  int64_t col_numel() const { return d0_is_p ? drop_q_numel() : drop_p_numel(); }
+  LO_HD int64_t numel() const { return A * P * B * Q * C; }
+  LO_HD int64_t drop_p_numel() const { return A * B * Q * C; }
+  LO_HD int64_t drop_q_numel() const { return A * P * B * C; }
+  LO_HD int64_t drop_pq_numel() const { return A * B * C; }
+  LO_HD int64_t row_numel() const { return d0_is_p ? drop_p_numel() : drop_q_numel(); }
+  LO_HD int64_t col_numel() const { return d0_is_p ? drop_q_numel() : drop_p_numel(); }
 };
 
 // (d0, d1) = (argsort(S)[-1], argsort(S)[-2]) with a stable ascending argsort.
@@ -71,7 +71,7 @@ struct FactoredCursor {
   const FactoredGeometry* geo;
   int64_t a, p, b, q, c;
 
-  FactoredCursor(const FactoredGeometry& g, int64_t flat) : geo(&g) {
+  LO_HD FactoredCursor(const FactoredGeometry& g, int64_t flat) : geo(&g) {
     c = flat % g.C;
     flat /= g.C;
     q = flat % g.Q;
@@ -81,12 +81,12 @@ struct FactoredCursor {
     p = flat % g.P;
     a = flat / g.P;
   }
-  int64_t drop_p() const { return ((a * geo->B + b) * geo->Q + q) * geo->C + c; }
-  int64_t drop_q() const { return ((a * geo->P + p) * geo->B + b) * geo->C + c; }
-  int64_t row_index() const { return geo->d0_is_p ? drop_p() : drop_q(); }
-  int64_t col_index() const { return geo->d0_is_p ? drop_q() : drop_p(); }
+  LO_HD int64_t drop_p() const { return ((a * geo->B + b) * geo->Q + q) * geo->C + c; }
+  LO_HD int64_t drop_q() const { return ((a * geo->P + p) * geo->B + b) * geo->C + c; }
+  LO_HD int64_t row_index() const { return geo->d0_is_p ? drop_p() : drop_q(); }
+  LO_HD int64_t col_index() const { return geo->d0_is_p ? drop_q() : drop_p(); }
   // Moves n elements on, by carries rather than divisions (n is small next to the axes).
-  void advance(int64_t n) {
+  LO_HD void advance(int64_t n) {
     c += n;
     if (c < geo->C) return;
     while (c >= geo->C) {
@@ -106,7 +106,7 @@ struct FactoredCursor {
       ++a;
     }
   }
-  void next() {
+  LO_HD void next() {
     if (++c < geo->C) return;
     c = 0;
     if (++q < geo->Q) return;

@@ -207,6 +207,9 @@ void check_velo_lstm_input_inputs(at::TensorList params, at::TensorList grads,
     const auto& p = params[i];
     TORCH_CHECK(p.device() == device, op, ": params[", i, "] is on ", p.device(),
                 " but params[0] is on ", device);
+    TORCH_CHECK(p.scalar_type() == params[0].scalar_type(), op, ": params[", i, "] is ",
+                p.scalar_type(), " but params[0] is ", params[0].scalar_type(),
+                "; one call takes the tensors of one dtype");
     TORCH_CHECK(at::isFloatingType(p.scalar_type()) && p.layout() == at::kStrided, op,
                 ": params[", i, "] must be a dense real floating-point tensor");
     TORCH_CHECK(grads[i].layout() == at::kStrided && grads[i].device() == device &&

@@ -83,6 +83,7 @@ struct Policy {
   static constexpr int kW2 = small_fc_lopt::kW2, kB2 = small_fc_lopt::kB2;
   static constexpr float kUnfactoredMomentumEps = small_fc_lopt::kUnfactoredMomentumEps;
 
+  static LO_HD float decay(const float* decays, int k) { return decays[k]; }
   template <typename T>
   static LO_HD T grad(T g) {
     return g;

@@ -94,6 +94,7 @@ struct Policy {
   static constexpr int kW2 = velo::kW2, kB2 = velo::kB2;
   static constexpr float kUnfactoredMomentumEps = velo::kUnfactoredMomentumEps;
 
+  static LO_HD float decay(const float* /*decays*/, int k) { return velo::decay(k); }
   template <typename T>
   static LO_HD T grad(T g) {
     return clip_grad(g);

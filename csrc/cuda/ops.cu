@@ -1,0 +1,301 @@
+// CUDA bindings of the lo_ops ops: argument checks (../checks.h), scratch from the caching
+// allocator, the kernels of adafactor_mlp.cuh and velo_stats.cuh launched on the current
+// stream under a device guard. Only device-generic torch headers are used (c10::DeviceGuard,
+// the stream's native handle), so this file compiles against any torch build's headers.
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
+#include <torch/library.h>
+
+#include <cuda_runtime.h>
+
+#include <vector>
+
+#include "../checks.h"
+#include "../small_fc_lopt_math.h"
+#include "../velo_math.h"
+#include "adafactor_mlp.cuh"
+#include "velo_stats.cuh"
+
+namespace lo_ops {
+namespace cuda {
+namespace {
+
+cudaStream_t current_stream(const at::Device& device) {
+  const c10::impl::VirtualGuardImpl impl(c10::DeviceType::CUDA);
+  return static_cast<cudaStream_t>(impl.getStream(device).native_handle());
+}
+
+void check_launch(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  TORCH_CHECK(err == cudaSuccess, "lo_ops: launching ", what, " failed: ", cudaGetErrorString(err));
+}
+
+int64_t blocks_for(int64_t threads) { return (threads + kThreads - 1) / kThreads; }
+
+// Calls launch(table) for consecutive groups of at most kMaxTensors tensors with items(t) > 0
+// work items each (`table.start` holds the prefix sums).
+template <typename Tab, int Max, typename T, typename Items, typename Launch>
+void for_each_table(const std::vector<T>& tensors, Items items, Launch launch) {
+  Tab table{};
+  table.count = 0;
+  table.start[0] = 0;
+  for (const T& t : tensors) {
+    const int64_t n = items(t);
+    if (n == 0) continue;
+    table.t[table.count] = t;
+    table.start[table.count + 1] = table.start[table.count] + n;
+    if (++table.count == Max) {
+      launch(table);
+      table.count = 0;
+    }
+  }
+  if (table.count > 0) launch(table);
+}
+
+// The work of one per-element op call: device pointers of every tensor, its scratch, and the
+// contiguous copies of non-contiguous parameters (written back by finish()).
+template <class P>
+struct Bucket {
+  std::vector<TensorArgs> tensors;
+  std::vector<at::Tensor> keep;  // contiguous copies and scratch, alive until the launches end
+  at::TensorList params;
+  std::vector<at::Tensor> contiguous;
+
+  Bucket(const std::vector<TensorInfo>& infos, at::TensorList params_, at::TensorList grads,
+         at::TensorList momentum, at::TensorList rms, at::TensorList fac_row,
+         at::TensorList fac_col, at::TensorList fac_diag)
+      : params(params_) {
+    constexpr int F = P::kFeatures, H = P::kHidden;
+    int64_t scratch = 0;
+    for (const auto& info : infos) {
+      scratch += H * F + H + 1 + ((info.numel + kChunk - 1) / kChunk) * F;
+      if (info.factored)
+        scratch += (2 * kFactoredChannels + H) * (info.geo.row_numel() + info.geo.col_numel());
+    }
+    at::Tensor buffer = at::empty({scratch}, params[0].options().dtype(at::kFloat));
+    keep.push_back(buffer);
+    float* sp = buffer.data_ptr<float>();
+    for (size_t i = 0; i < params.size(); ++i) {
+      const TensorInfo& info = infos[i];
+      contiguous.push_back(params[i].contiguous());
+      const at::Tensor g = grads[i].contiguous();
+      keep.push_back(g);
+      TensorArgs t{};
+      t.p = contiguous.back().data_ptr();
+      t.g = g.data_ptr();
+      t.m = momentum[i].data_ptr<float>();
+      t.v = rms[i].data_ptr<float>();
+      t.numel = info.numel;
+      t.chunks = (info.numel + kChunk - 1) / kChunk;
+      t.factored = info.factored ? 1 : 0;
+      t.fold = sp;
+      sp += H * F + H + 1;
+      t.partials = sp;
+      sp += t.chunks * F;
+      if (info.factored) {
+        t.geo = info.geo;
+        t.row = fac_row[info.state_index].data_ptr<float>();
+        t.col = fac_col[info.state_index].data_ptr<float>();
+        const int64_t rs = info.geo.row_numel(), cs = info.geo.col_numel();
+        t.row_rsqrt = sp;
+        t.row_fac = t.row_rsqrt + kFactoredChannels * rs;
+        t.col_rsqrt = t.row_fac + kFactoredChannels * rs;
+        t.col_fac = t.col_rsqrt + kFactoredChannels * cs;
+        t.row_contrib = t.col_fac + kFactoredChannels * cs;
+        t.col_contrib = t.row_contrib + H * rs;
+        sp = t.col_contrib + H * cs;
+      } else {
+        t.row = fac_diag[info.state_index].data_ptr<float>();
+      }
+      tensors.push_back(t);
+    }
+  }
+
+  void finish() {
+    for (size_t i = 0; i < params.size(); ++i)
+      if (!params[i].is_same(contiguous[i])) params[i].copy_(contiguous[i]);
+  }
+};
+
+// The four passes over a bucket, launched table by table on `stream`.
+template <class P, typename S>
+void run_passes(const std::vector<TensorArgs>& tensors, const float* decays, const float* lr,
+                float weight_decay, float step_mult, float exp_mult, const bool* skip,
+                cudaStream_t stream) {
+  const auto factored_items = [](const TensorArgs& t) {
+    return t.factored && t.numel > 0 ? t.geo.row_numel() + t.geo.col_numel() : int64_t{0};
+  };
+  for_each_table<Table, kMaxTensors>(tensors, factored_items, [&](const Table& table) {
+    factored_moments_kernel<P, S><<<static_cast<unsigned>(blocks_for(table.start[table.count])), kThreads, 0, stream>>>(
+        table, decays, skip);
+  });
+  check_launch("factored_moments_kernel");
+  const auto row_items = [](const TensorArgs& t) {
+    if (!t.factored || t.numel == 0) return int64_t{0};
+    return t.geo.row_numel() / (t.geo.d0_is_p ? t.geo.Q : t.geo.P);
+  };
+  for_each_table<Table, kMaxTensors>(tensors, row_items, [&](const Table& table) {
+    row_factor_kernel<<<static_cast<unsigned>(blocks_for(table.start[table.count])), kThreads, 0, stream>>>(table, skip);
+  });
+  check_launch("row_factor_kernel");
+  const auto chunk_items = [](const TensorArgs& t) { return t.chunks; };
+  for_each_table<Table, kMaxTensors>(tensors, chunk_items, [&](const Table& table) {
+    accumulate_kernel<P, S><<<static_cast<unsigned>(table.start[table.count]), kThreads, 0, stream>>>(table, decays, skip);
+  });
+  check_launch("accumulate_kernel");
+  const auto one = [](const TensorArgs&) { return int64_t{1}; };
+  for_each_table<Table, kMaxTensors>(tensors, one, [&](const Table& table) {
+    fold_kernel<P><<<table.count, kThreads, 0, stream>>>(table, step_mult, skip);
+  });
+  check_launch("fold_kernel");
+  for_each_table<Table, kMaxTensors>(tensors, chunk_items, [&](const Table& table) {
+    update_kernel<P, S><<<static_cast<unsigned>(table.start[table.count]), kThreads, 0, stream>>>(
+        table, decays, lr, weight_decay, exp_mult, skip);
+  });
+  check_launch("update_kernel");
+}
+
+// Calls fn with the CUDA storage type of `dtype` as a null pointer of that type.
+template <typename F>
+void dispatch_storage(at::ScalarType dtype, const char* op, F fn) {
+  switch (dtype) {
+    case at::kFloat:
+      return fn(static_cast<float*>(nullptr));
+    case at::kDouble:
+      return fn(static_cast<double*>(nullptr));
+    case at::kHalf:
+      return fn(static_cast<__half*>(nullptr));
+    case at::kBFloat16:
+      return fn(static_cast<__nv_bfloat16*>(nullptr));
+    default:
+      TORCH_CHECK(false, op, ": parameters of dtype ", dtype, " are not supported on CUDA");
+  }
+}
+
+void small_fc_lopt_step_cuda(at::TensorList params, at::TensorList grads,
+                             at::TensorList momentum, at::TensorList rms,
+                             at::TensorList fac_row, at::TensorList fac_col,
+                             at::TensorList fac_diag, at::TensorList state_steps,
+                             const at::Tensor& lr, const at::Tensor& meta_weights,
+                             const at::Tensor& decays, double weight_decay, double step_mult,
+                             double exp_mult) {
+  using P = small_fc_lopt::Policy;
+  const auto infos = check_small_fc_lopt_inputs(params, grads, momentum, rms, fac_row, fac_col,
+                                                fac_diag, state_steps, lr, meta_weights, decays);
+  if (params.empty()) return;
+  const c10::DeviceGuard guard(params[0].device());
+  const cudaStream_t stream = current_stream(params[0].device());
+  Bucket<P> bucket(infos, params, grads, momentum, rms, fac_row, fac_col, fac_diag);
+  for (size_t i = 0; i < params.size(); ++i) {
+    bucket.tensors[i].weights = meta_weights.data_ptr<float>();
+    bucket.tensors[i].step = state_steps[i].data_ptr<float>();
+  }
+  const at::Tensor lr32 = lr.to(at::kFloat);
+  dispatch_storage(params[0].scalar_type(), "small_fc_lopt_step_", [&](auto* tag) {
+    using S = std::remove_pointer_t<decltype(tag)>;
+    run_passes<P, S>(bucket.tensors, decays.data_ptr<float>(), lr32.data_ptr<float>(),
+                     static_cast<float>(weight_decay), static_cast<float>(step_mult),
+                     static_cast<float>(exp_mult), nullptr, stream);
+  });
+  bucket.finish();
+}
+
+void velo_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum,
+                    at::TensorList rms, at::TensorList fac_row, at::TensorList fac_col,
+                    at::TensorList fac_diag, const at::Tensor& lr, const at::Tensor& mlp_weights,
+                    const at::Tensor& lr_mult, const at::Tensor& skip, double weight_decay,
+                    double step_mult, double exp_mult) {
+  using P = velo::Policy;
+  const auto infos = check_velo_step_inputs(params, grads, momentum, rms, fac_row, fac_col,
+                                            fac_diag, lr, mlp_weights, lr_mult, skip);
+  if (params.empty()) return;
+  const c10::DeviceGuard guard(params[0].device());
+  const cudaStream_t stream = current_stream(params[0].device());
+  Bucket<P> bucket(infos, params, grads, momentum, rms, fac_row, fac_col, fac_diag);
+  for (size_t i = 0; i < params.size(); ++i) {
+    bucket.tensors[i].weights = mlp_weights.data_ptr<float>() + i * velo::kPackedWeights;
+    bucket.tensors[i].lr_mult = lr_mult.data_ptr<float>() + i;
+  }
+  const at::Tensor lr32 = lr.to(at::kFloat);
+  dispatch_storage(params[0].scalar_type(), "velo_step_", [&](auto* tag) {
+    using S = std::remove_pointer_t<decltype(tag)>;
+    run_passes<P, S>(bucket.tensors, nullptr, lr32.data_ptr<float>(),
+                     static_cast<float>(weight_decay), static_cast<float>(step_mult),
+                     static_cast<float>(exp_mult), skip.data_ptr<bool>(), stream);
+  });
+  bucket.finish();
+}
+
+std::tuple<at::Tensor, at::Tensor> velo_lstm_input_cuda(at::TensorList params,
+                                                        at::TensorList grads,
+                                                        at::TensorList momentum,
+                                                        at::TensorList rms,
+                                                        const at::Tensor& loss_features,
+                                                        const at::Tensor& iteration,
+                                                        double num_steps) {
+  check_velo_lstm_input_inputs(params, grads, momentum, rms, loss_features, iteration, num_steps);
+  const int64_t T = static_cast<int64_t>(params.size());
+  const c10::DeviceGuard guard(loss_features.device());
+  at::Tensor X = at::empty({T, velo::kLstmInputs}, loss_features.options());
+  at::Tensor finite = at::empty({}, loss_features.options().dtype(at::kBool));
+  if (T == 0) {
+    finite.fill_(true);
+    return {X, finite};
+  }
+  const cudaStream_t stream = current_stream(loss_features.device());
+  std::vector<at::Tensor> keep;
+  std::vector<StatsTensor> tensors;
+  int64_t chunks = 0;
+  for (int64_t i = 0; i < T; ++i) {
+    keep.push_back(params[i].contiguous());
+    keep.push_back(grads[i].contiguous());
+    StatsTensor t{};
+    t.p = keep[keep.size() - 2].data_ptr();
+    t.g = keep.back().data_ptr();
+    t.m = momentum[i].data_ptr<float>();
+    t.v = rms[i].data_ptr<float>();
+    t.numel = params[i].numel();
+    t.first_chunk = chunks;
+    t.index = i;
+    for (const int64_t s : params[i].sizes()) t.dims += s > 1 ? 1 : 0;
+    chunks += (t.numel + kChunk - 1) / kChunk;
+    tensors.push_back(t);
+  }
+  at::Tensor moments = at::empty(
+      {std::max<int64_t>(chunks, 1) * static_cast<int64_t>(sizeof(velo::ChunkMoments))},
+      loss_features.options().dtype(at::kByte));
+  at::Tensor tensor_finite = at::empty({T}, loss_features.options().dtype(at::kBool));
+  auto* out = reinterpret_cast<velo::ChunkMoments*>(moments.data_ptr());
+  const auto chunk_items = [](const StatsTensor& t) { return (t.numel + kChunk - 1) / kChunk; };
+  dispatch_storage(params[0].scalar_type(), "velo_lstm_input", [&](auto* tag) {
+    using S = std::remove_pointer_t<decltype(tag)>;
+    for_each_table<StatsTable, kMaxStatsTensors>(tensors, chunk_items, [&](const StatsTable& table) {
+      chunk_moments_kernel<S><<<static_cast<unsigned>(table.start[table.count]), kThreads, 0, stream>>>(table, out);
+    });
+  });
+  check_launch("chunk_moments_kernel");
+  const auto one = [](const StatsTensor&) { return int64_t{1}; };
+  const at::Tensor iteration32 = iteration.to(at::kFloat);
+  for_each_table<StatsTable, kMaxStatsTensors>(tensors, one, [&](const StatsTable& table) {
+    lstm_rows_kernel<<<static_cast<unsigned>(blocks_for(table.count)), kThreads, 0, stream>>>(
+        table, out, loss_features.data_ptr<float>(), iteration32.data_ptr<float>(),
+        static_cast<float>(num_steps), X.data_ptr<float>(), tensor_finite.data_ptr<bool>());
+  });
+  check_launch("lstm_rows_kernel");
+  all_true_kernel<<<1, kThreads, 0, stream>>>(tensor_finite.data_ptr<bool>(), T,
+                                              finite.data_ptr<bool>());
+  check_launch("all_true_kernel");
+  return {X, finite};
+}
+
+}  // namespace
+}  // namespace cuda
+
+TORCH_LIBRARY_IMPL(lo_ops, CUDA, m) {
+  m.impl("small_fc_lopt_step_", &cuda::small_fc_lopt_step_cuda);
+  m.impl("velo_lstm_input", &cuda::velo_lstm_input_cuda);
+  m.impl("velo_step_", &cuda::velo_step_cuda);
+}
+
+}  // namespace lo_ops

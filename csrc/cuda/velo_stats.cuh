@@ -1,0 +1,140 @@
+// CUDA kernels of lo_ops::velo_lstm_input (plain CUDA on raw pointers): one block per chunk of
+// every tensor gathers the chunk's moments (sums, and squares about the chunk's own means) and
+// whether its gradients are finite; one thread per tensor combines its chunks in order into the
+// tensor's row of X (velo::combine_chunks, velo::lstm_tensor_features); one block ANDs the
+// per-tensor finite flags. No atomics: results do not depend on scheduling.
+#pragma once
+
+#include "../velo_math.h"
+#include "adafactor_mlp.cuh"
+
+namespace lo_ops {
+namespace cuda {
+
+constexpr int kMaxStatsTensors = 48;
+
+struct StatsTensor {
+  const void* p;
+  const void* g;
+  const float* m;  // [3, n]
+  const float* v;  // [n]
+  int64_t numel;
+  int64_t first_chunk;  // into the bucket's ChunkMoments
+  int64_t index;        // row of X
+  int dims;             // axes longer than 1
+};
+
+struct StatsTable {
+  StatsTensor t[kMaxStatsTensors];
+  int64_t start[kMaxStatsTensors + 1];
+  int count;
+};
+
+__device__ __forceinline__ int find_stats_tensor(const StatsTable& table, int64_t item) {
+  int lo = 0, hi = table.count - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (table.start[mid] <= item)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  return lo;
+}
+
+template <typename S>
+__global__ void __launch_bounds__(kThreads) chunk_moments_kernel(StatsTable table,
+                                                                 velo::ChunkMoments* out) {
+  __shared__ double scratch[kThreads / 32];
+  __shared__ float means[kMomentumChannels + 1];
+  const int ti = find_stats_tensor(table, blockIdx.x);
+  const StatsTensor& t = table.t[ti];
+  const int64_t chunk = blockIdx.x - table.start[ti];
+  const int64_t e0 = chunk * kChunk;
+  const int64_t n = t.numel;
+  const int64_t left = n - e0;
+  const double count = static_cast<double>(left < kChunk ? left : kChunk);
+  double p_sq = 0.0, v_sum = 0.0, m_sum[kMomentumChannels] = {0.0, 0.0, 0.0};
+  bool finite = true;
+  for (int k = 0; k < kElementsPerThread; ++k) {
+    const int64_t e = e0 + k * kThreads + threadIdx.x;
+    if (e >= n) break;
+    const float p = to_float(static_cast<const S*>(t.p)[e]);
+    const float g = to_float(static_cast<const S*>(t.g)[e]);
+    finite = finite && isfinite(g);
+    p_sq += static_cast<double>(p * p);
+    v_sum += t.v[e];
+    for (int c = 0; c < kMomentumChannels; ++c) m_sum[c] += t.m[c * n + e];
+  }
+  velo::ChunkMoments mo;
+  mo.p_sq = block_sum(p_sq, scratch);
+  mo.v = block_sum(v_sum, scratch);
+  for (int c = 0; c < kMomentumChannels; ++c) mo.m[c] = block_sum(m_sum[c], scratch);
+  if (threadIdx.x == 0) {
+    for (int c = 0; c < kMomentumChannels; ++c) means[c] = static_cast<float>(mo.m[c] / count);
+    means[kMomentumChannels] = static_cast<float>(mo.v / count);
+  }
+  __syncthreads();
+  double v_sq = 0.0, m_sq[kMomentumChannels] = {0.0, 0.0, 0.0};
+  for (int k = 0; k < kElementsPerThread; ++k) {
+    const int64_t e = e0 + k * kThreads + threadIdx.x;
+    if (e >= n) break;
+    const float dv = t.v[e] - means[kMomentumChannels];
+    v_sq += static_cast<double>(dv * dv);
+    for (int c = 0; c < kMomentumChannels; ++c) {
+      const float dm = t.m[c * n + e] - means[c];
+      m_sq[c] += static_cast<double>(dm * dm);
+    }
+  }
+  const double v_sq_total = block_sum(v_sq, scratch);
+  double m_sq_total[kMomentumChannels];
+  for (int c = 0; c < kMomentumChannels; ++c) m_sq_total[c] = block_sum(m_sq[c], scratch);
+  finite = __syncthreads_and(finite);
+  if (threadIdx.x == 0) {
+    // Re-centred on the exact chunk means: sum (x - a)^2 - count (mean - a)^2.
+    const double dv = mo.v / count - means[kMomentumChannels];
+    mo.v_sq_about_mean = v_sq_total - count * dv * dv;
+    for (int c = 0; c < kMomentumChannels; ++c) {
+      const double dm = mo.m[c] / count - means[c];
+      mo.m_sq_about_mean[c] = m_sq_total[c] - count * dm * dm;
+    }
+    mo.finite = finite;
+    out[t.first_chunk + chunk] = mo;
+  }
+}
+
+// One thread per tensor: its row of X and whether its gradients were finite.
+__global__ void __launch_bounds__(kThreads) lstm_rows_kernel(StatsTable table,
+                                                             const velo::ChunkMoments* chunks,
+                                                             const float* loss_features,
+                                                             const float* iteration,
+                                                             float num_steps, float* X,
+                                                             bool* tensor_finite) {
+  const int ti = blockIdx.x * kThreads + threadIdx.x;
+  if (ti >= table.count) return;
+  const StatsTensor& t = table.t[ti];
+  float* row = X + t.index * velo::kLstmInputs;
+  const float step = *iteration;
+  for (int k = 0; k < velo::kTimeFeatures; ++k) row[k] = velo::time_feature(step, num_steps, k);
+  for (int k = 0; k < velo::kLossFeatures; ++k) row[velo::kFirstLossFeature + k] = loss_features[k];
+  const int64_t num_chunks = (t.numel + kChunk - 1) / kChunk;
+  bool finite = true;
+  for (int64_t c = 0; c < num_chunks; ++c) finite = finite && chunks[t.first_chunk + c].finite;
+  const velo::TensorMoments mo =
+      t.numel > 0 ? velo::combine_chunks(chunks + t.first_chunk, num_chunks, t.numel, kChunk)
+                  : velo::TensorMoments{};
+  velo::lstm_tensor_features(mo, t.numel, t.dims, row);
+  tensor_finite[t.index] = finite;
+}
+
+// One block: out = AND of the n flags.
+__global__ void __launch_bounds__(kThreads) all_true_kernel(const bool* flags, int64_t n,
+                                                            bool* out) {
+  bool all = true;
+  for (int64_t i = threadIdx.x; i < n; i += kThreads) all = all && flags[i];
+  all = __syncthreads_and(all);
+  if (threadIdx.x == 0) *out = all;
+}
+
+}  // namespace cuda
+}  // namespace lo_ops
