@@ -8,6 +8,10 @@ ones) unless --velo-weights names others.
 
     python perf/bench_step.py [--set vit_tiny_16] [--device cpu] [--dtype float32]
                               [--only velo_fused,adamw_fused]
+
+On CUDA every fused optimizer (and AdamW) is also timed compiled
+(`torch.compile(step, fullgraph=True)`, suffix `_compiled`) and captured in a CUDA graph
+(suffix `_graph`). ../shared is found next to the repository, or at $LO_OPS_SHARED.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 import lo_ops
 
 HERE = Path(__file__).resolve().parent
-SHARED = HERE.parent.parent / "shared"
+SHARED = Path(os.environ.get("LO_OPS_SHARED", HERE.parent.parent / "shared"))
 PARAM_SETS = SHARED / "bench" / "param_sets.json"
 VELO_WEIGHTS = SHARED / "fixtures" / "velo_init" / "jax" / "params.msgpack"
 
@@ -71,6 +75,20 @@ def time_step(step, device, warmup, repeats):
     return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "repeats": repeats}
 
 
+def cuda_graph(step):
+    """The step captured in a CUDA graph (after warm-up steps on a side stream): graph.replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--set", default="vit_tiny_16")
@@ -80,6 +98,7 @@ def main():
     ap.add_argument("--reference-repeats", type=int, default=3)
     ap.add_argument("--velo-weights", default=str(VELO_WEIGHTS))
     ap.add_argument("--only", default=None, help="comma-separated cases to run")
+    ap.add_argument("--skip-reference", action="store_true", help="leave out the eager references")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -101,13 +120,22 @@ def main():
             return lambda: opt.step(loss=loss)
         return build
 
+    cuda = args.device.startswith("cuda")
     cases = {
-        "adamw_fused": (plain(lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)), args.repeats),
+        "adamw_fused": (plain(lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True, capturable=cuda)),
+                        args.repeats),
         "small_fc_lopt_fused": (plain(lambda ps: lo_ops.SmallFCLOpt(ps, fused=True)), args.repeats),
         "small_fc_lopt_reference": (plain(lambda ps: lo_ops.SmallFCLOpt(ps, fused=False)), args.reference_repeats),
         "velo_fused": (velo(True), args.repeats),
         "velo_reference": (velo(False), args.reference_repeats),
     }
+    if cuda:  # the fused steps also compiled and captured in a CUDA graph
+        for name in [n for n in cases if not n.endswith("reference")]:
+            build, repeats = cases[name]
+            cases[name + "_compiled"] = ((lambda b: lambda ps: torch.compile(b(ps), fullgraph=True))(build), repeats)
+            cases[name + "_graph"] = ((lambda b: lambda ps: cuda_graph(b(ps)))(build), repeats)
+    if args.skip_reference:
+        cases = {k: v for k, v in cases.items() if not k.endswith("reference")}
     if args.only:
         wanted = args.only.split(",")
         unknown = set(wanted) - set(cases)
@@ -129,6 +157,9 @@ def main():
         "velo_fused_over_adamw": ratio("velo_fused", "adamw_fused"),
         "velo_fused_over_small_fc_lopt_fused": ratio("velo_fused", "small_fc_lopt_fused"),
     }
+    for mode in ("_compiled", "_graph"):
+        for opt in ("small_fc_lopt", "velo"):
+            ratios[f"{opt}_fused{mode}_over_adamw{mode}"] = ratio(f"{opt}_fused{mode}", f"adamw_fused{mode}")
     ratios = {k: v for k, v in ratios.items() if v is not None}
     for k, v in ratios.items():
         print(f"{k:28s} {v:10.2f}x")
@@ -136,6 +167,8 @@ def main():
         "set": args.set, "tensors": len(shapes), "parameters": numel, "device": args.device,
         "dtype": args.dtype, "threads": torch.get_num_threads(), "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(), "cpu": cpu_description(),
+        "gpu": torch.cuda.get_device_name() if cuda else None,
+        "cuda": torch.version.cuda if cuda else None,
         "results": results, "ratios": ratios,
         "date": time.strftime("%Y-%m-%d"),
     }
