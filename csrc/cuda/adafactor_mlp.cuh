@@ -90,8 +90,9 @@ struct Table {
   int count;
 };
 
-// The tensor of work item `item` (start[i] <= item < start[i + 1]).
-__device__ __forceinline__ int find_tensor(const Table& table, int64_t item) {
+// The tensor of work item `item` (start[i] <= item < start[i + 1]) in a table of any kind.
+template <typename Tab>
+__device__ __forceinline__ int find_tensor(const Tab& table, int64_t item) {
   int lo = 0, hi = table.count - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) / 2;

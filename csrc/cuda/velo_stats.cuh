@@ -30,24 +30,12 @@ struct StatsTable {
   int count;
 };
 
-__device__ __forceinline__ int find_stats_tensor(const StatsTable& table, int64_t item) {
-  int lo = 0, hi = table.count - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (table.start[mid] <= item)
-      lo = mid;
-    else
-      hi = mid - 1;
-  }
-  return lo;
-}
-
 template <typename S>
 __global__ void __launch_bounds__(kThreads) chunk_moments_kernel(StatsTable table,
                                                                  velo::ChunkMoments* out) {
   __shared__ double scratch[kThreads / 32];
   __shared__ float means[kMomentumChannels + 1];
-  const int ti = find_stats_tensor(table, blockIdx.x);
+  const int ti = find_tensor(table, blockIdx.x);
   const StatsTensor& t = table.t[ti];
   const int64_t chunk = blockIdx.x - table.start[ti];
   const int64_t e0 = chunk * kChunk;
