@@ -127,48 +127,79 @@ __device__ T block_sum(T x, T* scratch) {
 struct ReduceView {
   int64_t O, R, I;
 };
-__device__ __forceinline__ ReduceView over_p(const FactoredGeometry& g) {
-  return {g.A, g.P, g.B * g.Q * g.C};
+LO_HD ReduceView over_p(const FactoredGeometry& g) { return {g.A, g.P, g.B * g.Q * g.C}; }
+LO_HD ReduceView over_q(const FactoredGeometry& g) { return {g.A * g.P * g.B, g.Q, g.C}; }
+// Side 0 is r (the mean over d0), side 1 is c (the mean over d1).
+LO_HD ReduceView side_view(const FactoredGeometry& g, int side) {
+  return (side == 0) == static_cast<bool>(g.d0_is_p) ? over_p(g) : over_q(g);
 }
-__device__ __forceinline__ ReduceView over_q(const FactoredGeometry& g) {
-  return {g.A * g.P * g.B, g.Q, g.C};
+LO_HD int64_t side_size(const FactoredGeometry& g, int side) {
+  return side == 0 ? g.row_numel() : g.col_numel();
+}
+// The outputs of a factored tensor that a launch of one kind handles: a side whose reduced
+// axis is the innermost (I == 1) goes to the warp-per-output kernel, the others to the
+// thread-per-output kernel.
+LO_HD int64_t moment_outputs(const FactoredGeometry& g, bool warp_per_output) {
+  int64_t n = 0;
+  for (int side = 0; side < 2; ++side)
+    if ((side_view(g, side).I == 1) == warp_per_output) n += side_size(g, side);
+  return n;
 }
 
-// One thread per element of r or c (items: |r| then |c| per tensor).
-template <class P, typename S>
-__global__ void __launch_bounds__(kThreads) factored_moments_kernel(Table table,
-                                                                    const float* decays,
-                                                                    const bool* skip) {
-  if (skipped(skip)) return;
-  const int64_t item = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x;
-  if (item >= table.start[table.count]) return;
-  const int ti = find_tensor(table, item);
-  const TensorArgs& t = table.t[ti];
-  int64_t idx = item - table.start[ti];
-  const int64_t rsize = t.geo.row_numel();
-  const bool is_row = idx < rsize;
-  if (!is_row) idx -= rsize;
-  // r drops d0, c drops d1.
-  const bool over_P = is_row == static_cast<bool>(t.geo.d0_is_p);
-  const ReduceView view = over_P ? over_p(t.geo) : over_q(t.geo);
-  const int64_t o = idx / view.I, i = idx % view.I;
-  const S* g = static_cast<const S*>(t.g);
-  double sum = 0.0;
-  for (int64_t r = 0; r < view.R; ++r)
-    sum += static_cast<double>(factored_gsq(P::grad(to_float(g[(o * view.R + r) * view.I + i]))));
-  const float mean = static_cast<float>(sum / static_cast<double>(view.R));
-  const int64_t size = is_row ? rsize : t.geo.col_numel();
-  float* state = is_row ? t.row : t.col;
+// Updates r or c (side) at output idx with the mean of g^2, and the scratch derived from it.
+template <class P>
+__device__ __forceinline__ void store_moment(const TensorArgs& t, int side, int64_t idx,
+                                             float mean, const float* decays) {
+  const int64_t size = side_size(t.geo, side);
+  float* state = side == 0 ? t.row : t.col;
   for (int k = 0; k < kFactoredChannels; ++k) {
     float& s = state[k * size + idx];
     s = ema(s, mean, clip01(P::decay(decays, kDecayFactored + k)));
-    if (is_row) {
+    if (side == 0) {
       t.row_rsqrt[k * size + idx] = accumulator_rsqrt(s);
     } else {
       t.col_rsqrt[k * size + idx] = accumulator_rsqrt(s);
       t.col_fac[k * size + idx] = col_factor(s);
     }
   }
+}
+
+// Means of g^2 for the outputs of r and c, summed in double in a fixed order. kWarp: one warp
+// per output of a side reduced along the innermost axis (coalesced row reads, then a fixed
+// shuffle tree); otherwise one thread per output (neighbouring threads read neighbouring
+// addresses at every step of the reduced axis).
+template <class P, typename S, bool kWarp>
+__global__ void __launch_bounds__(kThreads) factored_moments_kernel(Table table,
+                                                                    const float* decays,
+                                                                    const bool* skip) {
+  if (skipped(skip)) return;
+  const int64_t thread = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x;
+  const int64_t item = kWarp ? thread / 32 : thread;
+  if (item >= table.start[table.count]) return;  // whole warps leave together
+  const int ti = find_tensor(table, item);
+  const TensorArgs& t = table.t[ti];
+  int64_t idx = item - table.start[ti];
+  int side = 0;
+  const int64_t first = (side_view(t.geo, 0).I == 1) == kWarp ? side_size(t.geo, 0) : 0;
+  if (idx >= first) {
+    side = 1;
+    idx -= first;
+  }
+  const ReduceView view = side_view(t.geo, side);
+  const int64_t o = idx / view.I, i = idx % view.I;
+  const S* g = static_cast<const S*>(t.g);
+  double sum = 0.0;
+  if (kWarp) {
+    const int lane = threadIdx.x % 32;
+    for (int64_t r = lane; r < view.R; r += 32)
+      sum += static_cast<double>(factored_gsq(P::grad(to_float(g[o * view.R + r]))));
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
+    if (lane != 0) return;
+  } else {
+    for (int64_t r = 0; r < view.R; ++r)
+      sum += static_cast<double>(factored_gsq(P::grad(to_float(g[(o * view.R + r) * view.I + i]))));
+  }
+  store_moment<P>(t, side, idx, static_cast<float>(sum / static_cast<double>(view.R)), decays);
 }
 
 // One thread per row of r along its copy of d1 (items: |r| / size(d1) per tensor).
@@ -198,10 +229,39 @@ __global__ void __launch_bounds__(kThreads) row_factor_kernel(Table table, const
 
 // -- passes 2 and 4: per element ------------------------------------------------------------------
 
-// The inputs of element e (state updated in place when `update_state`).
+// Where element e of a factored tensor reads r (ri) and c (ci). 32-bit divisions when the
+// tensor allows (64-bit integer division is many times slower on a GPU).
+__device__ __forceinline__ void factored_indices(const FactoredGeometry& g, int64_t e,
+                                                 int64_t& ri, int64_t& ci) {
+  if (g.numel() <= INT32_MAX) {
+    const uint32_t C = static_cast<uint32_t>(g.C), Q = static_cast<uint32_t>(g.Q);
+    const uint32_t B = static_cast<uint32_t>(g.B), Pn = static_cast<uint32_t>(g.P);
+    uint32_t f = static_cast<uint32_t>(e);
+    const uint32_t c = f % C;
+    f /= C;
+    const uint32_t q = f % Q;
+    f /= Q;
+    const uint32_t b = f % B;
+    f /= B;
+    const uint32_t p = f % Pn;
+    const uint32_t a = f / Pn;
+    const uint32_t drop_p = ((a * B + b) * Q + q) * C + c;
+    const uint32_t drop_q = ((a * Pn + p) * B + b) * C + c;
+    ri = g.d0_is_p ? drop_p : drop_q;
+    ci = g.d0_is_p ? drop_q : drop_p;
+    return;
+  }
+  const FactoredCursor cur(g, e);
+  ri = cur.row_index();
+  ci = cur.col_index();
+}
+
+// The inputs of element e (state updated in place when `update_state`); for a factored tensor
+// also where it reads r (ri) and c (ci).
 template <class P, typename S, bool update_state>
 __device__ __forceinline__ void element_inputs(const TensorArgs& t, int64_t e, const float* decays,
-                                               ElementInputs<float>& in) {
+                                               ElementInputs<float>& in, int64_t& ri,
+                                               int64_t& ci) {
   const int64_t n = t.numel;
   in.g = P::grad(to_float(static_cast<const S*>(t.g)[e]));
   in.p = to_float(static_cast<const S*>(t.p)[e]);
@@ -220,8 +280,7 @@ __device__ __forceinline__ void element_inputs(const TensorArgs& t, int64_t e, c
   }
   in.v = v;
   if (t.factored) {
-    const FactoredCursor cur(t.geo, e);
-    const int64_t ri = cur.row_index(), ci = cur.col_index();
+    factored_indices(t.geo, e, ri, ci);
     const int64_t rs = t.geo.row_numel(), cs = t.geo.col_numel();
     float rf[kFactoredChannels], cf[kFactoredChannels];
     for (int k = 0; k < kFactoredChannels; ++k) {
@@ -260,7 +319,8 @@ __global__ void __launch_bounds__(kThreads) accumulate_kernel(Table table, const
     const int64_t e = e0 + k * kThreads + threadIdx.x;
     if (e >= t.numel) break;
     ElementInputs<float> in;
-    element_inputs<P, S, true>(t, e, decays, in);
+    int64_t ri = 0, ci = 0;
+    element_inputs<P, S, true>(t, e, decays, in, ri, ci);
     if (t.factored) {
       float x[P::kElementFeatures];
       P::element_features(in, x);
@@ -401,13 +461,12 @@ __global__ void __launch_bounds__(kThreads) update_kernel(Table table, const flo
     const int64_t e = chunk * kChunk + k * kThreads + threadIdx.x;
     if (e >= t.numel) break;
     ElementInputs<float> in;
-    element_inputs<P, S, false>(t, e, decays, in);
+    int64_t ri = 0, ci = 0;
+    element_inputs<P, S, false>(t, e, decays, in, ri, ci);
     float direction, magnitude;
     if (t.factored) {
       float x[P::kElementFeatures];
       P::element_features(in, x);
-      const FactoredCursor cur(t.geo, e);
-      const int64_t ri = cur.row_index(), ci = cur.col_index();
       float b0[H];
       for (int j = 0; j < H; ++j) b0[j] = (b0t[j] + t.row_contrib[j * rs + ri]) + t.col_contrib[j * cs + ci];
       mlp_forward<P::kElementFeatures, H>(x, w0s, b0, w1, b1, w2, b2, direction, magnitude);

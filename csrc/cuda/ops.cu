@@ -123,12 +123,21 @@ template <class P, typename S>
 void run_passes(const std::vector<TensorArgs>& tensors, const float* decays, const float* lr,
                 float weight_decay, float step_mult, float exp_mult, const bool* skip,
                 cudaStream_t stream) {
-  const auto factored_items = [](const TensorArgs& t) {
-    return t.factored && t.numel > 0 ? t.geo.row_numel() + t.geo.col_numel() : int64_t{0};
+  const auto thread_items = [](const TensorArgs& t) {
+    return t.factored && t.numel > 0 ? moment_outputs(t.geo, false) : int64_t{0};
   };
-  for_each_table<Table, kMaxTensors>(tensors, factored_items, [&](const Table& table) {
-    factored_moments_kernel<P, S><<<static_cast<unsigned>(blocks_for(table.start[table.count])), kThreads, 0, stream>>>(
-        table, decays, skip);
+  for_each_table<Table, kMaxTensors>(tensors, thread_items, [&](const Table& table) {
+    factored_moments_kernel<P, S, false>
+        <<<static_cast<unsigned>(blocks_for(table.start[table.count])), kThreads, 0, stream>>>(
+            table, decays, skip);
+  });
+  const auto warp_items = [](const TensorArgs& t) {
+    return t.factored && t.numel > 0 ? moment_outputs(t.geo, true) : int64_t{0};
+  };
+  for_each_table<Table, kMaxTensors>(tensors, warp_items, [&](const Table& table) {
+    factored_moments_kernel<P, S, true>
+        <<<static_cast<unsigned>(blocks_for(32 * table.start[table.count])), kThreads, 0, stream>>>(
+            table, decays, skip);
   });
   check_launch("factored_moments_kernel");
   const auto row_items = [](const TensorArgs& t) {
