@@ -61,6 +61,12 @@ def test_fused_matches_reference_random_shapes_20_steps(net, dtype):
     assert out[2].velo_state["iteration"].item() == 20
 
 
+@pytest.mark.parametrize("isa", ["avx2", "base"])
+def test_fused_matches_reference_on_narrower_instruction_sets(net, isa, monkeypatch):
+    monkeypatch.setenv("LO_OPS_CPU_ISA", isa)
+    _compare(*_run_both(net, SHAPES, torch.float32, steps=10), torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_fused_matches_reference_300_small_tensors(net, dtype):
     gen = torch.Generator().manual_seed(3)
