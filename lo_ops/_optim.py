@@ -111,6 +111,32 @@ class LearnedOptimizer(Optimizer):
         return self._use_fused[key]
 
 
+def split_buckets(lists: list[list[Tensor]]) -> dict[tuple[torch.device, torch.dtype], list[list[Tensor]]]:
+    """Splits the ops' argument lists of one group by the (device, dtype) of the parameters.
+
+    ``lists`` is ``[params, grads, momentum, rms, fac_row, fac_col, fac_diag, *per_parameter]``:
+    the first four and any further lists hold one entry per parameter, fac_row/fac_col one per
+    parameter with ndim >= 2 and fac_diag one per other parameter, and each bucket keeps them
+    aligned the same way.
+    """
+    params, fac_row, fac_col, fac_diag = lists[0], lists[4], lists[5], lists[6]
+    per_parameter = [k for k in range(len(lists)) if k not in (4, 5, 6)]
+    out: dict[tuple[torch.device, torch.dtype], list[list[Tensor]]] = {}
+    fi = di = 0
+    for i, p in enumerate(params):
+        b = out.setdefault((p.device, p.dtype), [[] for _ in lists])
+        for k in per_parameter:
+            b[k].append(lists[k][i])
+        if p.dim() >= 2:
+            b[4].append(fac_row[fi])
+            b[5].append(fac_col[fi])
+            fi += 1
+        else:
+            b[6].append(fac_diag[di])
+            di += 1
+    return out
+
+
 def place_lr(group: dict[str, Any]) -> None:
     """Makes group["lr"] a float32 0-d tensor, on the parameters' device when they share one."""
     lr = group["lr"]

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from . import reference
 from ._layout import effective_decays, state_shapes
-from ._optim import LearnedOptimizer, check_lr, check_weight_decay
+from ._optim import LearnedOptimizer, check_lr, check_weight_decay, split_buckets
 from .networks import check_decay_offsets, load_small_fc_lopt_network
 
 
@@ -122,7 +122,7 @@ class SmallFCLOpt(LearnedOptimizer):
             self._init_group(group, params, grads, momentum, rms, fac_row, fac_col, fac_diag, steps)
             if not params:
                 continue
-            buckets = _buckets(params, grads, momentum, rms, fac_row, fac_col, fac_diag, steps)
+            buckets = split_buckets([params, grads, momentum, rms, fac_row, fac_col, fac_diag, steps])
             for (device, _), lists in buckets.items():
                 weights, decays = self._meta(device)
                 lr = group["lr"] if group["lr"].device == device else group["lr"].to(device)
@@ -136,22 +136,3 @@ class SmallFCLOpt(LearnedOptimizer):
 
     def _expected_state(self, p: Tensor) -> dict[str, tuple[int, ...]]:
         return {"step": ()} | state_shapes(p.shape)
-
-
-def _buckets(params, grads, momentum, rms, fac_row, fac_col, fac_diag, steps):
-    """Splits the lists of one group by (device, dtype), keeping fac_* aligned."""
-    out: dict[tuple[torch.device, torch.dtype], list[list[Tensor]]] = {}
-    fi = di = 0
-    for i, p in enumerate(params):
-        b = out.setdefault((p.device, p.dtype), [[] for _ in range(8)])
-        for lst, src in zip(b, (params, grads, momentum, rms)):
-            lst.append(src[i])
-        if p.dim() >= 2:
-            b[4].append(fac_row[fi])
-            b[5].append(fac_col[fi])
-            fi += 1
-        else:
-            b[6].append(fac_diag[di])
-            di += 1
-        b[7].append(steps[i])
-    return out

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from . import velo_reference as ref
 from ._layout import VELO_LOSS_BUFFER, VELO_LSTM_HIDDEN, VELO_RMIN_INIT, state_shapes
-from ._optim import LearnedOptimizer, check_lr, check_weight_decay
+from ._optim import LearnedOptimizer, check_lr, check_weight_decay, split_buckets
 from .velo_networks import VeLONetwork, load_velo_network
 
 logger = logging.getLogger(__name__)
@@ -188,20 +188,7 @@ class VeLO(LearnedOptimizer):
         for group in self.param_groups:
             lists = [[] for _ in range(9)]
             self._init_group(group, *lists)
-            by_dtype: dict[torch.dtype, list[list[Tensor]]] = {}
-            fi = di = 0
-            for i, p in enumerate(lists[0]):
-                b = by_dtype.setdefault(p.dtype, [[] for _ in range(9)])
-                for k in (0, 1, 2, 3, 7, 8):
-                    b[k].append(lists[k][i])
-                if p.dim() >= 2:
-                    b[4].append(lists[4][fi])
-                    b[5].append(lists[5][fi])
-                    fi += 1
-                else:
-                    b[6].append(lists[6][di])
-                    di += 1
-            buckets.extend((group, b) for b in by_dtype.values())
+            buckets.extend((group, b) for b in split_buckets(lists).values())
         if not buckets:
             return closure_loss
         fused = self._fused_for(self._device)
