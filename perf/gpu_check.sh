@@ -5,9 +5,14 @@
 # Outputs land in perf/results/ (and are copied to $OUT when it is set).
 #
 #   LO_OPS_SHARED=/path/to/shared perf/gpu_check.sh      # default: ../shared next to the repo
+#
+# On a device machine that receives only the repository, copy the shared material into the
+# ignored folder .shared first (cp -r ../shared .shared), carry it, and run
+#   LO_OPS_SHARED=.shared perf/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export LO_OPS_SHARED=${LO_OPS_SHARED:-$(cd .. && pwd)/shared}
+LO_OPS_SHARED=${LO_OPS_SHARED:-$(cd .. && pwd)/shared}
+export LO_OPS_SHARED=$(cd "$LO_OPS_SHARED" 2>/dev/null && pwd || echo "$LO_OPS_SHARED")
 PY=${PYTHON:-python3}
 RESULTS=perf/results
 mkdir -p "$RESULTS"
