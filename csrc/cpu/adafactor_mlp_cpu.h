@@ -22,6 +22,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -222,7 +223,7 @@ LO_HD void run_reduce_task(const ReduceTask& t, TensorWork<P>& w, const float* d
         const int64_t idx = o * t.I + i;
         const float mean = static_cast<float>(acc[i - t.i0] / static_cast<double>(t.R));
         for (int k = 0; k < kFactoredChannels; ++k) {
-          const float decay = clip01(decays[kDecayFactored + k]);
+          const float decay = clip01(P::decay(decays, kDecayFactored + k));
           float& s = state[k * size + idx];
           s = ema(s, mean, decay);
           if (t.kind == 0) {
@@ -346,13 +347,13 @@ LO_HD void tile_inputs(TensorWork<P>& w, const scalar_t* g, const scalar_t* p, i
     float* m = w.m + k * n + e0;
     in.m[k] = load_lanes<V>(m, count);
     if (update_state) {
-      in.m[k] = ema(in.m[k], in.g, decays[kDecayMomentum + k]);
+      in.m[k] = ema(in.m[k], in.g, P::decay(decays, kDecayMomentum + k));
       store_lanes(m, in.m[k], count);
     }
   }
   in.v = load_lanes<V>(w.v + e0, count);
   if (update_state) {
-    in.v = ema(in.v, in.g * in.g, clip01(decays[kDecayRms]));
+    in.v = ema(in.v, in.g * in.g, clip01(P::decay(decays, kDecayRms)));
     store_lanes(w.v + e0, in.v, count);
   }
   if (factored) {
@@ -366,7 +367,7 @@ LO_HD void tile_inputs(TensorWork<P>& w, const scalar_t* g, const scalar_t* p, i
       float* state = w.row + k * n + e0;
       u[k] = load_lanes<V>(state, count);
       if (update_state) {
-        u[k] = ema(u[k], factored_gsq(in.g), clip01(decays[kDecayFactored + k]));
+        u[k] = ema(u[k], factored_gsq(in.g), clip01(P::decay(decays, kDecayFactored + k)));
         store_lanes(state, u[k], count);
       }
     }
@@ -761,6 +762,26 @@ void step_bucket(std::vector<TensorWork<P>>& work, const float* decays, float lr
     else
       update_chunk_for<P, scalar_t, false>(isa, w, c.e0, c.e1, decays, lr, wd, em);
   });
+}
+
+// One op call over a bucket: its work list, setup(i, work[i]) for P's per-tensor values
+// (weights, step count, lr_mult), the passes, and the write-back of non-contiguous parameters.
+// `decays` as P::decay reads them (may be null for fixed decays).
+template <class P, typename Setup>
+void run_bucket(const std::vector<TensorInfo>& infos, at::TensorList params,
+                at::TensorList grads, at::TensorList momentum, at::TensorList rms,
+                at::TensorList fac_row, at::TensorList fac_col, at::TensorList fac_diag,
+                const float* decays, const at::Tensor& lr, double weight_decay,
+                double step_mult, double exp_mult, Setup setup) {
+  const float lr_value = lr.item<float>();
+  std::vector<TensorWork<P>> work;
+  const at::Tensor scratch =
+      prepare_work(work, infos, params, grads, momentum, rms, fac_row, fac_col, fac_diag);
+  for (size_t i = 0; i < params.size(); ++i) setup(i, work[i]);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "lo_ops_cpu", [&] {
+    step_bucket<P, scalar_t>(work, decays, lr_value, weight_decay, step_mult, exp_mult);
+  });
+  finish_work(work, params);
 }
 
 }  // namespace cpu

@@ -13,8 +13,6 @@ namespace {
 
 using SmallFCLOptPolicy = small_fc_lopt::Policy;
 
-using Work = cpu::TensorWork<SmallFCLOptPolicy>;
-
 void small_fc_lopt_step_cpu(at::TensorList params, at::TensorList grads,
                             at::TensorList momentum, at::TensorList rms,
                             at::TensorList fac_row, at::TensorList fac_col,
@@ -25,21 +23,14 @@ void small_fc_lopt_step_cpu(at::TensorList params, at::TensorList grads,
   const auto infos = check_small_fc_lopt_inputs(params, grads, momentum, rms, fac_row, fac_col,
                                                 fac_diag, state_steps, lr, meta_weights, decays);
   if (params.empty()) return;
-  const float lr_value = lr.item<float>();
-  std::vector<Work> work;
-  const at::Tensor scratch =
-      cpu::prepare_work(work, infos, params, grads, momentum, rms, fac_row, fac_col, fac_diag);
-  for (size_t i = 0; i < params.size(); ++i) {
-    work[i].weights = meta_weights.data_ptr<float>();
-    work[i].t = *state_steps[i].data_ptr<float>();
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(),
-                                  "small_fc_lopt_step_cpu", [&] {
-                                    cpu::step_bucket<SmallFCLOptPolicy, scalar_t>(
-                                        work, decays.data_ptr<float>(), lr_value, weight_decay,
-                                        step_mult, exp_mult);
-                                  });
-  cpu::finish_work(work, params);
+  const float* weights = meta_weights.data_ptr<float>();
+  cpu::run_bucket<SmallFCLOptPolicy>(
+      infos, params, grads, momentum, rms, fac_row, fac_col, fac_diag,
+      decays.data_ptr<float>(), lr, weight_decay, step_mult, exp_mult,
+      [&](size_t i, cpu::TensorWork<SmallFCLOptPolicy>& w) {
+        w.weights = weights;
+        w.t = *state_steps[i].data_ptr<float>();
+      });
   for (const auto& step : state_steps) *step.data_ptr<float>() += 1.0f;
 }
 

@@ -20,8 +20,6 @@ namespace {
 
 using VeLOPolicy = velo::Policy;
 
-using Work = cpu::TensorWork<VeLOPolicy>;
-
 void velo_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum,
                    at::TensorList rms, at::TensorList fac_row, at::TensorList fac_col,
                    at::TensorList fac_diag, const at::Tensor& lr, const at::Tensor& mlp_weights,
@@ -30,25 +28,14 @@ void velo_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
   const auto infos = check_velo_step_inputs(params, grads, momentum, rms, fac_row, fac_col,
                                             fac_diag, lr, mlp_weights, lr_mult, skip);
   if (params.empty() || *skip.data_ptr<bool>()) return;
-  const float lr_value = lr.item<float>();
-  std::vector<Work> work;
-  const at::Tensor scratch =
-      cpu::prepare_work(work, infos, params, grads, momentum, rms, fac_row, fac_col, fac_diag);
   const float* weights = mlp_weights.data_ptr<float>();
   const float* mult = lr_mult.data_ptr<float>();
-  for (size_t i = 0; i < params.size(); ++i) {
-    work[i].weights = weights + i * velo::kPackedWeights;
-    work[i].lr_mult = mult[i];
-  }
-  float decays[kDecays];
-  for (int k = 0; k < kDecays; ++k) decays[k] = velo::decay(k);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(),
-                                  "velo_step_cpu", [&] {
-                                    cpu::step_bucket<VeLOPolicy, scalar_t>(
-                                        work, decays, lr_value, weight_decay, step_mult,
-                                        exp_mult);
-                                  });
-  cpu::finish_work(work, params);
+  cpu::run_bucket<VeLOPolicy>(infos, params, grads, momentum, rms, fac_row,
+                              fac_col, fac_diag, nullptr, lr, weight_decay, step_mult, exp_mult,
+                              [&](size_t i, cpu::TensorWork<VeLOPolicy>& w) {
+                                w.weights = weights + i * velo::kPackedWeights;
+                                w.lr_mult = mult[i];
+                              });
 }
 
 // -- velo_lstm_input ------------------------------------------------------------------------------

@@ -182,6 +182,30 @@ void dispatch_storage(at::ScalarType dtype, const char* op, F fn) {
   }
 }
 
+// One op call over a bucket: scratch and tables, setup(i, tensors[i]) for P's per-tensor
+// pointers (weights, step count, lr_mult), the passes, and the write-back of non-contiguous
+// parameters. `decays` as P::decay reads them (null for fixed decays); `skip` may be null.
+template <class P, typename Setup>
+void run_bucket(const std::vector<TensorInfo>& infos, at::TensorList params,
+                at::TensorList grads, at::TensorList momentum, at::TensorList rms,
+                at::TensorList fac_row, at::TensorList fac_col, at::TensorList fac_diag,
+                const float* decays, const at::Tensor& lr, double weight_decay,
+                double step_mult, double exp_mult, const bool* skip, const char* op,
+                Setup setup) {
+  const c10::DeviceGuard guard(params[0].device());
+  const cudaStream_t stream = current_stream(params[0].device());
+  Bucket<P> bucket(infos, params, grads, momentum, rms, fac_row, fac_col, fac_diag);
+  for (size_t i = 0; i < params.size(); ++i) setup(i, bucket.tensors[i]);
+  const at::Tensor lr32 = lr.to(at::kFloat);
+  dispatch_storage(params[0].scalar_type(), op, [&](auto* tag) {
+    using S = std::remove_pointer_t<decltype(tag)>;
+    run_passes<P, S>(bucket.tensors, decays, lr32.data_ptr<float>(),
+                     static_cast<float>(weight_decay), static_cast<float>(step_mult),
+                     static_cast<float>(exp_mult), skip, stream);
+  });
+  bucket.finish();
+}
+
 void small_fc_lopt_step_cuda(at::TensorList params, at::TensorList grads,
                              at::TensorList momentum, at::TensorList rms,
                              at::TensorList fac_row, at::TensorList fac_col,
@@ -189,25 +213,17 @@ void small_fc_lopt_step_cuda(at::TensorList params, at::TensorList grads,
                              const at::Tensor& lr, const at::Tensor& meta_weights,
                              const at::Tensor& decays, double weight_decay, double step_mult,
                              double exp_mult) {
-  using P = small_fc_lopt::Policy;
   const auto infos = check_small_fc_lopt_inputs(params, grads, momentum, rms, fac_row, fac_col,
                                                 fac_diag, state_steps, lr, meta_weights, decays);
   if (params.empty()) return;
-  const c10::DeviceGuard guard(params[0].device());
-  const cudaStream_t stream = current_stream(params[0].device());
-  Bucket<P> bucket(infos, params, grads, momentum, rms, fac_row, fac_col, fac_diag);
-  for (size_t i = 0; i < params.size(); ++i) {
-    bucket.tensors[i].weights = meta_weights.data_ptr<float>();
-    bucket.tensors[i].step = state_steps[i].data_ptr<float>();
-  }
-  const at::Tensor lr32 = lr.to(at::kFloat);
-  dispatch_storage(params[0].scalar_type(), "small_fc_lopt_step_", [&](auto* tag) {
-    using S = std::remove_pointer_t<decltype(tag)>;
-    run_passes<P, S>(bucket.tensors, decays.data_ptr<float>(), lr32.data_ptr<float>(),
-                     static_cast<float>(weight_decay), static_cast<float>(step_mult),
-                     static_cast<float>(exp_mult), nullptr, stream);
-  });
-  bucket.finish();
+  const float* weights = meta_weights.data_ptr<float>();
+  run_bucket<small_fc_lopt::Policy>(
+      infos, params, grads, momentum, rms, fac_row, fac_col, fac_diag, decays.data_ptr<float>(),
+      lr, weight_decay, step_mult, exp_mult, nullptr, "small_fc_lopt_step_",
+      [&](size_t i, TensorArgs& t) {
+        t.weights = weights;
+        t.step = state_steps[i].data_ptr<float>();
+      });
 }
 
 void velo_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum,
@@ -215,25 +231,17 @@ void velo_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     at::TensorList fac_diag, const at::Tensor& lr, const at::Tensor& mlp_weights,
                     const at::Tensor& lr_mult, const at::Tensor& skip, double weight_decay,
                     double step_mult, double exp_mult) {
-  using P = velo::Policy;
   const auto infos = check_velo_step_inputs(params, grads, momentum, rms, fac_row, fac_col,
                                             fac_diag, lr, mlp_weights, lr_mult, skip);
   if (params.empty()) return;
-  const c10::DeviceGuard guard(params[0].device());
-  const cudaStream_t stream = current_stream(params[0].device());
-  Bucket<P> bucket(infos, params, grads, momentum, rms, fac_row, fac_col, fac_diag);
-  for (size_t i = 0; i < params.size(); ++i) {
-    bucket.tensors[i].weights = mlp_weights.data_ptr<float>() + i * velo::kPackedWeights;
-    bucket.tensors[i].lr_mult = lr_mult.data_ptr<float>() + i;
-  }
-  const at::Tensor lr32 = lr.to(at::kFloat);
-  dispatch_storage(params[0].scalar_type(), "velo_step_", [&](auto* tag) {
-    using S = std::remove_pointer_t<decltype(tag)>;
-    run_passes<P, S>(bucket.tensors, nullptr, lr32.data_ptr<float>(),
-                     static_cast<float>(weight_decay), static_cast<float>(step_mult),
-                     static_cast<float>(exp_mult), skip.data_ptr<bool>(), stream);
-  });
-  bucket.finish();
+  const float* weights = mlp_weights.data_ptr<float>();
+  const float* mult = lr_mult.data_ptr<float>();
+  run_bucket<velo::Policy>(infos, params, grads, momentum, rms, fac_row, fac_col, fac_diag,
+                           nullptr, lr, weight_decay, step_mult, exp_mult, skip.data_ptr<bool>(),
+                           "velo_step_", [&](size_t i, TensorArgs& t) {
+                             t.weights = weights + i * velo::kPackedWeights;
+                             t.lr_mult = mult + i;
+                           });
 }
 
 std::tuple<at::Tensor, at::Tensor> velo_lstm_input_cuda(at::TensorList params,
