@@ -97,6 +97,11 @@ class VeLO(LearnedOptimizer):
 
     # -- param groups and device ----------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if isinstance(param_group, dict) and "num_steps" in param_group:
+            raise ValueError(
+                "VeLO: num_steps is the training horizon of the whole optimizer (its loss buffer "
+                "and step count are shared by all groups); pass it to VeLO(...), not in a param group"
+            )
         super().add_param_group(param_group)
         for p in self.param_groups[-1]["params"]:
             self._bind_device(p.device)

@@ -355,6 +355,12 @@ def test_bad_hyperparameters(net, kw, match):
         lo_ops.VeLO([torch.nn.Parameter(torch.zeros(3))], pretrained=net, **kw)
 
 
+def test_num_steps_belongs_to_the_optimizer(net):
+    with pytest.raises(ValueError, match="num_steps is the training horizon"):
+        lo_ops.VeLO([{"params": [torch.nn.Parameter(torch.zeros(3))], "num_steps": 5}],
+                    num_steps=10, pretrained=net)
+
+
 def test_parameters_on_two_devices(net):
     with pytest.raises(ValueError, match="one device"):
         lo_ops.VeLO([torch.nn.Parameter(torch.zeros(3)),
