@@ -154,8 +154,16 @@ std::vector<TensorInfo> check_small_fc_lopt_inputs(
   if (params.empty()) return infos;
   const auto device = params[0].device();
   check_lr(op, lr, device);
-  check_float_tensor(op, "meta_weights", meta_weights, {small_fc_lopt::kPackedWeights}, device);
-  check_float_tensor(op, "decays", decays, {kDecays}, device);
+  // Shared by all tensors ([P]) or one row per tensor ([T, P]), e.g. per-copy meta-parameters.
+  const int64_t n = static_cast<int64_t>(params.size());
+  check_float_tensor(op, "meta_weights", meta_weights,
+                     meta_weights.dim() == 2 ? std::vector<int64_t>{n, small_fc_lopt::kPackedWeights}
+                                             : std::vector<int64_t>{small_fc_lopt::kPackedWeights},
+                     device);
+  check_float_tensor(op, "decays", decays,
+                     decays.dim() == 2 ? std::vector<int64_t>{n, kDecays}
+                                       : std::vector<int64_t>{kDecays},
+                     device);
   for (size_t i = 0; i < state_steps.size(); ++i) {
     const auto& step = state_steps[i];
     TORCH_CHECK(step.numel() == 1 && step.scalar_type() == at::kFloat &&
@@ -227,7 +235,8 @@ TORCH_LIBRARY(lo_ops, m) {
   // ndim >= 2 (in order) fac_row [3, *S without d0] and fac_col [3, *S without d1]; per tensor
   // with ndim < 2 (in order) fac_diag [3, *S]. state_steps (float32, one element each) count
   // the steps taken and are incremented. lr is a one-element tensor on the parameters'
-  // device; meta_weights is the packed 39-32-32-2 network; decays the 7 effective decays.
+  // device; meta_weights is the packed 39-32-32-2 network ([P], or [T, P]: one per tensor);
+  // decays the 7 effective decays ([7], or [T, 7]).
   m.def(
       "small_fc_lopt_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum, "
       "Tensor(c!)[] rms, Tensor(d!)[] fac_row, Tensor(e!)[] fac_col, Tensor(f!)[] fac_diag, "

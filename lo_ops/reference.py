@@ -125,12 +125,16 @@ def small_fc_lopt_step_(
     params, grads, momentum, rms, fac_row, fac_col, fac_diag, state_steps, lr, meta_weights,
     decays, weight_decay, step_mult, exp_mult,
 ):
-    """Reference of ``torch.ops.lo_ops.small_fc_lopt_step_`` (same arguments, same effect)."""
-    weights = unpack_weights(meta_weights)
+    """Reference of ``torch.ops.lo_ops.small_fc_lopt_step_`` (same arguments, same effect).
+
+    ``meta_weights`` ([P]) and ``decays`` ([7]) serve every tensor, or hold one row per tensor
+    ([T, P], [T, 7]).
+    """
     lr = lr.float().reshape(())
     for i, p, row, col, diag in factored_state(params, fac_row, fac_col, fac_diag):
         small_fc_lopt_update(
             p, grads[i], momentum[i], rms[i], row, col, diag, state_steps[i], lr=lr,
-            weights=weights, decays=decays, weight_decay=weight_decay, step_mult=step_mult,
-            exp_mult=exp_mult,
+            weights=unpack_weights(meta_weights[i] if meta_weights.dim() == 2 else meta_weights),
+            decays=decays[i] if decays.dim() == 2 else decays, weight_decay=weight_decay,
+            step_mult=step_mult, exp_mult=exp_mult,
         )

@@ -60,13 +60,14 @@ def small_fc_lopt_step_fake(
     torch._check(lr.numel() == 1, lambda: "small_fc_lopt_step_: lr must have one element")
     torch._check(lr.device == device, lambda: f"small_fc_lopt_step_: lr is on {lr.device}, params on {device}")
     torch._check(
-        meta_weights.dtype == torch.float32 and meta_weights.shape == (PACKED_NUMEL,)
-        and meta_weights.device == device,
-        lambda: f"small_fc_lopt_step_: meta_weights must be float32 [{PACKED_NUMEL}] on {device}",
+        meta_weights.dtype == torch.float32 and meta_weights.device == device
+        and meta_weights.shape in ((PACKED_NUMEL,), (n, PACKED_NUMEL)),
+        lambda: f"small_fc_lopt_step_: meta_weights must be float32 [{PACKED_NUMEL}] or [{n}, {PACKED_NUMEL}] on {device}",
     )
     torch._check(
-        decays.dtype == torch.float32 and decays.shape == (NUM_DECAYS,) and decays.device == device,
-        lambda: f"small_fc_lopt_step_: decays must be float32 [{NUM_DECAYS}] on {device}",
+        decays.dtype == torch.float32 and decays.device == device
+        and decays.shape in ((NUM_DECAYS,), (n, NUM_DECAYS)),
+        lambda: f"small_fc_lopt_step_: decays must be float32 [{NUM_DECAYS}] or [{n}, {NUM_DECAYS}] on {device}",
     )
     fi = di = 0
     for i, (p, g) in enumerate(zip(params, grads)):

@@ -55,3 +55,38 @@ def test_op_matches_reference_directly():
     for la, lb in zip(a[:8], b[:8]):
         for x, y in zip(la, lb):
             torch.testing.assert_close(x, y, rtol=2e-5, atol=2e-6)
+
+
+def test_per_tensor_meta_weights_and_decays():
+    """[T, P] weights and [T, 7] decays: each tensor steps as with its own row alone."""
+    from lo_ops import reference
+
+    shapes = [(7, 5), (5,), (3, 4, 6), ()]
+    gen = torch.Generator().manual_seed(7)
+    base = _op_args(shapes, torch.float32)
+    n = len(base[0])
+    weights = base[9] + 0.05 * torch.randn(n, base[9].numel(), generator=gen)
+    decays = (base[10] - 0.02 * torch.rand(n, base[10].numel(), generator=gen)).contiguous()
+    batched = _op_args(shapes, torch.float32)
+    torch.ops.lo_ops.small_fc_lopt_step_(*batched[:9], weights, decays, *batched[11:])
+    ref_batched = _op_args(shapes, torch.float32)
+    reference.small_fc_lopt_step_(*ref_batched[:9], weights, decays, *ref_batched[11:])
+    singles = _op_args(shapes, torch.float32)
+    for i, p in enumerate(singles[0]):
+        fac = p.dim() >= 2
+        fi = sum(1 for q in singles[0][:i] if q.dim() >= 2)
+        di = i - fi
+        one = ([p], [singles[1][i]], [singles[2][i]], [singles[3][i]],
+               [singles[4][fi]] if fac else [], [singles[5][fi]] if fac else [],
+               [] if fac else [singles[6][di]], [singles[7][i]])
+        torch.ops.lo_ops.small_fc_lopt_step_(*one, singles[8], weights[i].contiguous(), decays[i].contiguous(),
+                                             *singles[11:])
+    for la, lb, lc in zip(batched[:8], singles[:8], ref_batched[:8]):
+        for x, y, z in zip(la, lb, lc):
+            assert torch.equal(x, y)
+            torch.testing.assert_close(x, z, rtol=2e-5, atol=2e-6)
+    torch.library.opcheck(torch.ops.lo_ops.small_fc_lopt_step_.default,
+                          (*_op_args(shapes, torch.float32)[:9], weights, decays, 0.01, 0.001, 0.001))
+    bad = _op_args(shapes, torch.float32)
+    with pytest.raises(RuntimeError, match="meta_weights must be a contiguous float32 tensor of shape"):
+        torch.ops.lo_ops.small_fc_lopt_step_(*bad[:9], weights[:2].contiguous(), decays, *bad[11:])

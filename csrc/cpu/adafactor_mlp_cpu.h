@@ -60,6 +60,7 @@ struct TensorWork {
   float* row_contrib = nullptr;
   float* col_contrib = nullptr;
   const float* weights = nullptr;  // this tensor's MLP, in P's packed layout
+  const float* decays = nullptr;   // this tensor's decays as P::decay reads them (or null)
   float t = 0.f;         // steps already taken (small_fc_lopt's time features)
   float lr_mult = 1.f;   // VeLO's per-tensor step multiplier
   float step_scale = 0.f;  // step = direction * exp(exp_mult * magnitude) * step_scale
@@ -207,7 +208,7 @@ LO_HD V first_lanes(V x, int count) {
 }
 
 template <class P, typename Isa, typename scalar_t>
-LO_HD void run_reduce_task(const ReduceTask& t, TensorWork<P>& w, const float* decays) {
+LO_HD void run_reduce_task(const ReduceTask& t, TensorWork<P>& w) {
   using V = typename Isa::V;
   double acc[256];
   if (t.kind == 0 || t.kind == 1) {
@@ -223,7 +224,7 @@ LO_HD void run_reduce_task(const ReduceTask& t, TensorWork<P>& w, const float* d
         const int64_t idx = o * t.I + i;
         const float mean = static_cast<float>(acc[i - t.i0] / static_cast<double>(t.R));
         for (int k = 0; k < kFactoredChannels; ++k) {
-          const float decay = clip01(P::decay(decays, kDecayFactored + k));
+          const float decay = clip01(P::decay(w.decays, kDecayFactored + k));
           float& s = state[k * size + idx];
           s = ema(s, mean, decay);
           if (t.kind == 0) {
@@ -338,7 +339,7 @@ LO_HD void first_layer_bias(const TensorWork<P>& w, const TileIndex& ti, int cou
 // its row and column channels enter through per-row/per-column sums (see fold_first_layer).
 template <class P, typename V, typename scalar_t, bool update_state, bool factored>
 LO_HD void tile_inputs(TensorWork<P>& w, const scalar_t* g, const scalar_t* p, int64_t e0,
-                       int count, const float* decays, const TileIndex& ti,
+                       int count, const TileIndex& ti,
                        ElementInputs<V>& in) {
   const int64_t n = w.info.numel;
   in.g = P::grad(load_lanes<V>(g + e0, count));
@@ -347,13 +348,13 @@ LO_HD void tile_inputs(TensorWork<P>& w, const scalar_t* g, const scalar_t* p, i
     float* m = w.m + k * n + e0;
     in.m[k] = load_lanes<V>(m, count);
     if (update_state) {
-      in.m[k] = ema(in.m[k], in.g, P::decay(decays, kDecayMomentum + k));
+      in.m[k] = ema(in.m[k], in.g, P::decay(w.decays, kDecayMomentum + k));
       store_lanes(m, in.m[k], count);
     }
   }
   in.v = load_lanes<V>(w.v + e0, count);
   if (update_state) {
-    in.v = ema(in.v, in.g * in.g, clip01(P::decay(decays, kDecayRms)));
+    in.v = ema(in.v, in.g * in.g, clip01(P::decay(w.decays, kDecayRms)));
     store_lanes(w.v + e0, in.v, count);
   }
   if (factored) {
@@ -367,7 +368,7 @@ LO_HD void tile_inputs(TensorWork<P>& w, const scalar_t* g, const scalar_t* p, i
       float* state = w.row + k * n + e0;
       u[k] = load_lanes<V>(state, count);
       if (update_state) {
-        u[k] = ema(u[k], factored_gsq(in.g), clip01(P::decay(decays, kDecayFactored + k)));
+        u[k] = ema(u[k], factored_gsq(in.g), clip01(P::decay(w.decays, kDecayFactored + k)));
         store_lanes(state, u[k], count);
       }
     }
@@ -393,8 +394,7 @@ LO_HD void tile_features(const ElementInputs<V>& in, V (&x)[kTileFeatures<P, fac
 constexpr int kFloatTiles = 8;
 
 template <class P, typename Isa, typename scalar_t, bool factored>
-LO_HD void accumulate_chunk(TensorWork<P>& w, int64_t e0, int64_t e1, const float* decays,
-                            double* sums) {
+LO_HD void accumulate_chunk(TensorWork<P>& w, int64_t e0, int64_t e1, double* sums) {
   using V = typename Isa::V;
   constexpr int L = kLanesOf<V>;
   constexpr int kF = kTileFeatures<P, factored>;
@@ -414,7 +414,7 @@ LO_HD void accumulate_chunk(TensorWork<P>& w, int64_t e0, int64_t e1, const floa
       tile_index(cursor, count, ti);
       cursor.advance(L);
     }
-    tile_inputs<P, V, scalar_t, true, factored>(w, g, p, e, count, decays, ti, in);
+    tile_inputs<P, V, scalar_t, true, factored>(w, g, p, e, count, ti, in);
     tile_features<P, factored>(in, x);
     if (count < L) {  // padding lanes do not count
       for (int c = 0; c < kF; ++c)
@@ -438,8 +438,8 @@ LO_HD void accumulate_chunk(TensorWork<P>& w, int64_t e0, int64_t e1, const floa
 }
 
 template <class P, typename Isa, typename scalar_t, bool factored>
-LO_HD void update_chunk(TensorWork<P>& w, int64_t e0, int64_t e1, const float* decays,
-                        float lr, float weight_decay, float exp_mult) {
+LO_HD void update_chunk(TensorWork<P>& w, int64_t e0, int64_t e1, float lr, float weight_decay,
+                        float exp_mult) {
   using V = typename Isa::V;
   using Group = LaneGroup<V, Isa::kTiles>;
   constexpr int L = kLanesOf<V>;
@@ -470,7 +470,7 @@ LO_HD void update_chunk(TensorWork<P>& w, int64_t e0, int64_t e1, const float* d
         tile_index(cursor, count[h], ti);
         cursor.advance(L);
       }
-      tile_inputs<P, V, scalar_t, false, factored>(w, g, p, eh, count[h], decays, ti, in);
+      tile_inputs<P, V, scalar_t, false, factored>(w, g, p, eh, count[h], ti, in);
       V xh[kF];
       tile_features<P, factored>(in, xh);
       for (int c = 0; c < kF; ++c) x[c].t[h] = xh[c];
@@ -511,18 +511,17 @@ LO_HD void update_chunk(TensorWork<P>& w, int64_t e0, int64_t e1, const float* d
 
 #define LO_DEFINE_ENTRIES(NAME, ISA, TARGET)                                                   \
   template <class P, typename scalar_t>                                                        \
-  TARGET void reduce_task_##NAME(const ReduceTask& t, TensorWork<P>& w, const float* decays) { \
-    run_reduce_task<P, ISA, scalar_t>(t, w, decays);                                           \
+  TARGET void reduce_task_##NAME(const ReduceTask& t, TensorWork<P>& w) {                      \
+    run_reduce_task<P, ISA, scalar_t>(t, w);                                                   \
   }                                                                                            \
   template <class P, typename scalar_t, bool factored>                                         \
-  TARGET void accumulate_chunk_##NAME(TensorWork<P>& w, int64_t e0, int64_t e1,                \
-                                      const float* decays, double* sums) {                     \
-    accumulate_chunk<P, ISA, scalar_t, factored>(w, e0, e1, decays, sums);                     \
+  TARGET void accumulate_chunk_##NAME(TensorWork<P>& w, int64_t e0, int64_t e1, double* sums) { \
+    accumulate_chunk<P, ISA, scalar_t, factored>(w, e0, e1, sums);                             \
   }                                                                                            \
   template <class P, typename scalar_t, bool factored>                                         \
-  TARGET void update_chunk_##NAME(TensorWork<P>& w, int64_t e0, int64_t e1,                    \
-                                  const float* decays, float lr, float wd, float em) {         \
-    update_chunk<P, ISA, scalar_t, factored>(w, e0, e1, decays, lr, wd, em);                   \
+  TARGET void update_chunk_##NAME(TensorWork<P>& w, int64_t e0, int64_t e1, float lr,          \
+                                  float wd, float em) {                                        \
+    update_chunk<P, ISA, scalar_t, factored>(w, e0, e1, lr, wd, em);                           \
   }
 
 LO_DEFINE_ENTRIES(base, IsaBase, )
@@ -556,36 +555,31 @@ inline CpuIsa select_isa() {
 }
 
 template <class P, typename scalar_t>
-void reduce_task_for(CpuIsa isa, const ReduceTask& t, TensorWork<P>& w, const float* decays) {
+void reduce_task_for(CpuIsa isa, const ReduceTask& t, TensorWork<P>& w) {
 #if LO_HAVE_ISA_CLONES
-  if (isa == CpuIsa::kAvx512) return reduce_task_avx512<P, scalar_t>(t, w, decays);
-  if (isa == CpuIsa::kAvx2) return reduce_task_avx2<P, scalar_t>(t, w, decays);
+  if (isa == CpuIsa::kAvx512) return reduce_task_avx512<P, scalar_t>(t, w);
+  if (isa == CpuIsa::kAvx2) return reduce_task_avx2<P, scalar_t>(t, w);
 #endif
-  reduce_task_base<P, scalar_t>(t, w, decays);
+  reduce_task_base<P, scalar_t>(t, w);
 }
 
 template <class P, typename scalar_t, bool factored>
-void accumulate_chunk_for(CpuIsa isa, TensorWork<P>& w, int64_t e0, int64_t e1,
-                          const float* decays, double* sums) {
+void accumulate_chunk_for(CpuIsa isa, TensorWork<P>& w, int64_t e0, int64_t e1, double* sums) {
 #if LO_HAVE_ISA_CLONES
-  if (isa == CpuIsa::kAvx512)
-    return accumulate_chunk_avx512<P, scalar_t, factored>(w, e0, e1, decays, sums);
-  if (isa == CpuIsa::kAvx2)
-    return accumulate_chunk_avx2<P, scalar_t, factored>(w, e0, e1, decays, sums);
+  if (isa == CpuIsa::kAvx512) return accumulate_chunk_avx512<P, scalar_t, factored>(w, e0, e1, sums);
+  if (isa == CpuIsa::kAvx2) return accumulate_chunk_avx2<P, scalar_t, factored>(w, e0, e1, sums);
 #endif
-  accumulate_chunk_base<P, scalar_t, factored>(w, e0, e1, decays, sums);
+  accumulate_chunk_base<P, scalar_t, factored>(w, e0, e1, sums);
 }
 
 template <class P, typename scalar_t, bool factored>
-void update_chunk_for(CpuIsa isa, TensorWork<P>& w, int64_t e0, int64_t e1, const float* decays,
-                      float lr, float wd, float em) {
+void update_chunk_for(CpuIsa isa, TensorWork<P>& w, int64_t e0, int64_t e1, float lr, float wd,
+                      float em) {
 #if LO_HAVE_ISA_CLONES
-  if (isa == CpuIsa::kAvx512)
-    return update_chunk_avx512<P, scalar_t, factored>(w, e0, e1, decays, lr, wd, em);
-  if (isa == CpuIsa::kAvx2)
-    return update_chunk_avx2<P, scalar_t, factored>(w, e0, e1, decays, lr, wd, em);
+  if (isa == CpuIsa::kAvx512) return update_chunk_avx512<P, scalar_t, factored>(w, e0, e1, lr, wd, em);
+  if (isa == CpuIsa::kAvx2) return update_chunk_avx2<P, scalar_t, factored>(w, e0, e1, lr, wd, em);
 #endif
-  update_chunk_base<P, scalar_t, factored>(w, e0, e1, decays, lr, wd, em);
+  update_chunk_base<P, scalar_t, factored>(w, e0, e1, lr, wd, em);
 }
 
 // Sum of squares of `size` values (double, in order).
@@ -677,7 +671,7 @@ void parallel_items(int64_t n, Cost cost, F fn) {
 // One step over a bucket: `work` filled by prepare_work, with `weights` (and P's per-tensor
 // values) set for every tensor.
 template <class P, typename scalar_t>
-void step_bucket(std::vector<TensorWork<P>>& work, const float* decays, float lr,
+void step_bucket(std::vector<TensorWork<P>>& work, float lr,
                  double weight_decay, double step_mult, double exp_mult) {
   const CpuIsa isa = select_isa();
   // Pass 1: factored second moments.
@@ -695,7 +689,7 @@ void step_bucket(std::vector<TensorWork<P>>& work, const float* decays, float lr
     return (reduce[i].o1 - reduce[i].o0) * reduce[i].R * (reduce[i].i1 - reduce[i].i0);
   };
   parallel_items(static_cast<int64_t>(reduce.size()), reduce_cost, [&](int64_t i) {
-    reduce_task_for<P, scalar_t>(isa, reduce[i], work[reduce[i].tensor], decays);
+    reduce_task_for<P, scalar_t>(isa, reduce[i], work[reduce[i].tensor]);
   });
   reduce.clear();
   for (int ti = 0; ti < static_cast<int>(work.size()); ++ti) {
@@ -709,7 +703,7 @@ void step_bucket(std::vector<TensorWork<P>>& work, const float* decays, float lr
       add_reduce_tasks(reduce, ti, 2, geo.A, geo.P, geo.B * geo.C);
   }
   parallel_items(static_cast<int64_t>(reduce.size()), reduce_cost, [&](int64_t i) {
-    reduce_task_for<P, scalar_t>(isa, reduce[i], work[reduce[i].tensor], decays);
+    reduce_task_for<P, scalar_t>(isa, reduce[i], work[reduce[i].tensor]);
   });
 
   // Pass 2: per-element accumulators and feature statistics.
@@ -733,9 +727,9 @@ void step_bucket(std::vector<TensorWork<P>>& work, const float* decays, float lr
     auto& w = work[c.tensor];
     double* out = sums.data() + i * F;
     if (w.info.factored)
-      accumulate_chunk_for<P, scalar_t, true>(isa, w, c.e0, c.e1, decays, out);
+      accumulate_chunk_for<P, scalar_t, true>(isa, w, c.e0, c.e1, out);
     else
-      accumulate_chunk_for<P, scalar_t, false>(isa, w, c.e0, c.e1, decays, out);
+      accumulate_chunk_for<P, scalar_t, false>(isa, w, c.e0, c.e1, out);
   });
 
   // Pass 3: fold the per-tensor constants into the first layer, then MLP and update.
@@ -758,20 +752,20 @@ void step_bucket(std::vector<TensorWork<P>>& work, const float* decays, float lr
     const Chunk& c = chunks[i];
     auto& w = work[c.tensor];
     if (w.info.factored)
-      update_chunk_for<P, scalar_t, true>(isa, w, c.e0, c.e1, decays, lr, wd, em);
+      update_chunk_for<P, scalar_t, true>(isa, w, c.e0, c.e1, lr, wd, em);
     else
-      update_chunk_for<P, scalar_t, false>(isa, w, c.e0, c.e1, decays, lr, wd, em);
+      update_chunk_for<P, scalar_t, false>(isa, w, c.e0, c.e1, lr, wd, em);
   });
 }
 
 // One op call over a bucket: its work list, setup(i, work[i]) for P's per-tensor values
-// (weights, step count, lr_mult), the passes, and the write-back of non-contiguous parameters.
-// `decays` as P::decay reads them (may be null for fixed decays).
+// (weights, decays, step count, lr_mult), the passes, and the write-back of non-contiguous
+// parameters.
 template <class P, typename Setup>
 void run_bucket(const std::vector<TensorInfo>& infos, at::TensorList params,
                 at::TensorList grads, at::TensorList momentum, at::TensorList rms,
                 at::TensorList fac_row, at::TensorList fac_col, at::TensorList fac_diag,
-                const float* decays, const at::Tensor& lr, double weight_decay,
+                const at::Tensor& lr, double weight_decay,
                 double step_mult, double exp_mult, Setup setup) {
   const float lr_value = lr.item<float>();
   std::vector<TensorWork<P>> work;
@@ -779,7 +773,7 @@ void run_bucket(const std::vector<TensorInfo>& infos, at::TensorList params,
       prepare_work(work, infos, params, grads, momentum, rms, fac_row, fac_col, fac_diag);
   for (size_t i = 0; i < params.size(); ++i) setup(i, work[i]);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "lo_ops_cpu", [&] {
-    step_bucket<P, scalar_t>(work, decays, lr_value, weight_decay, step_mult, exp_mult);
+    step_bucket<P, scalar_t>(work, lr_value, weight_decay, step_mult, exp_mult);
   });
   finish_work(work, params);
 }

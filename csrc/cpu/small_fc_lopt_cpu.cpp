@@ -24,11 +24,16 @@ void small_fc_lopt_step_cpu(at::TensorList params, at::TensorList grads,
                                                 fac_diag, state_steps, lr, meta_weights, decays);
   if (params.empty()) return;
   const float* weights = meta_weights.data_ptr<float>();
+  const float* decay_values = decays.data_ptr<float>();
+  // Shared by all tensors, or one row per tensor.
+  const int64_t weights_stride = meta_weights.dim() == 2 ? small_fc_lopt::kPackedWeights : 0;
+  const int64_t decays_stride = decays.dim() == 2 ? kDecays : 0;
   cpu::run_bucket<SmallFCLOptPolicy>(
       infos, params, grads, momentum, rms, fac_row, fac_col, fac_diag,
-      decays.data_ptr<float>(), lr, weight_decay, step_mult, exp_mult,
+      lr, weight_decay, step_mult, exp_mult,
       [&](size_t i, cpu::TensorWork<SmallFCLOptPolicy>& w) {
-        w.weights = weights;
+        w.weights = weights + i * weights_stride;
+        w.decays = decay_values + i * decays_stride;
         w.t = *state_steps[i].data_ptr<float>();
       });
   for (const auto& step : state_steps) *step.data_ptr<float>() += 1.0f;

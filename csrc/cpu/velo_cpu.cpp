@@ -31,7 +31,7 @@ void velo_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
   const float* weights = mlp_weights.data_ptr<float>();
   const float* mult = lr_mult.data_ptr<float>();
   cpu::run_bucket<VeLOPolicy>(infos, params, grads, momentum, rms, fac_row,
-                              fac_col, fac_diag, nullptr, lr, weight_decay, step_mult, exp_mult,
+                              fac_col, fac_diag, lr, weight_decay, step_mult, exp_mult,
                               [&](size_t i, cpu::TensorWork<VeLOPolicy>& w) {
                                 w.weights = weights + i * velo::kPackedWeights;
                                 w.lr_mult = mult[i];

@@ -31,7 +31,7 @@ namespace cuda {
 constexpr int kThreads = 256;
 constexpr int kElementsPerThread = 8;
 constexpr int64_t kChunk = kThreads * kElementsPerThread;  // elements per block
-constexpr int kMaxTensors = 16;                            // tensors per launch
+constexpr int kMaxTensors = 15;  // tensors per launch: the table stays within 4 KB of parameters
 
 // Storage types: float, double, __half, __nv_bfloat16; maths in float.
 template <typename S>
@@ -76,6 +76,7 @@ struct TensorArgs {
   float* fold;         // [kHidden * kFeatures] w0s, [kHidden] b0t, [1] step scale
   float* partials;     // [chunks, kFeatures] sums of squares, per chunk
   const float* weights;  // this tensor's packed MLP
+  const float* decays;   // this tensor's decays as P::decay reads them (or null)
   float* step;           // small_fc_lopt's step counter (incremented by the fold), or null
   const float* lr_mult;  // VeLO's lr_mult of this tensor, or null
   int64_t numel;
@@ -89,6 +90,8 @@ struct Table {
   int64_t start[kMaxTensors + 1];  // prefix sums of the work items (blocks or threads) per tensor
   int count;
 };
+// Kernel parameters are limited to 4 KB before CUDA 12.1; the kernels add a few pointers.
+static_assert(sizeof(Table) <= 4096 - 64, "the tensor table must fit the kernel parameter space");
 
 // The tensor of work item `item` (start[i] <= item < start[i + 1]) in a table of any kind.
 template <typename Tab>
@@ -149,12 +152,12 @@ LO_HD int64_t moment_outputs(const FactoredGeometry& g, bool warp_per_output) {
 // Updates r or c (side) at output idx with the mean of g^2, and the scratch derived from it.
 template <class P>
 __device__ __forceinline__ void store_moment(const TensorArgs& t, int side, int64_t idx,
-                                             float mean, const float* decays) {
+                                             float mean) {
   const int64_t size = side_size(t.geo, side);
   float* state = side == 0 ? t.row : t.col;
   for (int k = 0; k < kFactoredChannels; ++k) {
     float& s = state[k * size + idx];
-    s = ema(s, mean, clip01(P::decay(decays, kDecayFactored + k)));
+    s = ema(s, mean, clip01(P::decay(t.decays, kDecayFactored + k)));
     if (side == 0) {
       t.row_rsqrt[k * size + idx] = accumulator_rsqrt(s);
     } else {
@@ -170,7 +173,6 @@ __device__ __forceinline__ void store_moment(const TensorArgs& t, int side, int6
 // addresses at every step of the reduced axis).
 template <class P, typename S, bool kWarp>
 __global__ void __launch_bounds__(kThreads) factored_moments_kernel(Table table,
-                                                                    const float* decays,
                                                                     const bool* skip) {
   if (skipped(skip)) return;
   const int64_t thread = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x;
@@ -199,7 +201,7 @@ __global__ void __launch_bounds__(kThreads) factored_moments_kernel(Table table,
     for (int64_t r = 0; r < view.R; ++r)
       sum += static_cast<double>(factored_gsq(P::grad(to_float(g[(o * view.R + r) * view.I + i]))));
   }
-  store_moment<P>(t, side, idx, static_cast<float>(sum / static_cast<double>(view.R)), decays);
+  store_moment<P>(t, side, idx, static_cast<float>(sum / static_cast<double>(view.R)));
 }
 
 // One thread per row of r along its copy of d1 (items: |r| / size(d1) per tensor).
@@ -259,7 +261,7 @@ __device__ __forceinline__ void factored_indices(const FactoredGeometry& g, int6
 // The inputs of element e (state updated in place when `update_state`); for a factored tensor
 // also where it reads r (ri) and c (ci).
 template <class P, typename S, bool update_state>
-__device__ __forceinline__ void element_inputs(const TensorArgs& t, int64_t e, const float* decays,
+__device__ __forceinline__ void element_inputs(const TensorArgs& t, int64_t e,
                                                ElementInputs<float>& in, int64_t& ri,
                                                int64_t& ci) {
   const int64_t n = t.numel;
@@ -268,14 +270,14 @@ __device__ __forceinline__ void element_inputs(const TensorArgs& t, int64_t e, c
   for (int k = 0; k < kMomentumChannels; ++k) {
     float m = t.m[k * n + e];
     if (update_state) {
-      m = ema(m, in.g, P::decay(decays, kDecayMomentum + k));
+      m = ema(m, in.g, P::decay(t.decays, kDecayMomentum + k));
       t.m[k * n + e] = m;
     }
     in.m[k] = m;
   }
   float v = t.v[e];
   if (update_state) {
-    v = ema(v, in.g * in.g, clip01(P::decay(decays, kDecayRms)));
+    v = ema(v, in.g * in.g, clip01(P::decay(t.decays, kDecayRms)));
     t.v[e] = v;
   }
   in.v = v;
@@ -293,7 +295,7 @@ __device__ __forceinline__ void element_inputs(const TensorArgs& t, int64_t e, c
     for (int k = 0; k < kFactoredChannels; ++k) {
       float x = t.row[k * n + e];
       if (update_state) {
-        x = ema(x, factored_gsq(in.g), clip01(P::decay(decays, kDecayFactored + k)));
+        x = ema(x, factored_gsq(in.g), clip01(P::decay(t.decays, kDecayFactored + k)));
         t.row[k * n + e] = x;
       }
       u[k] = x;
@@ -305,8 +307,7 @@ __device__ __forceinline__ void element_inputs(const TensorArgs& t, int64_t e, c
 // One block per chunk: accumulators, then the chunk's sums of squares of the features (all
 // kFeatures channels for an unfactored tensor, the element-wise ones for a factored tensor).
 template <class P, typename S>
-__global__ void __launch_bounds__(kThreads) accumulate_kernel(Table table, const float* decays,
-                                                              const bool* skip) {
+__global__ void __launch_bounds__(kThreads) accumulate_kernel(Table table, const bool* skip) {
   if (skipped(skip)) return;
   __shared__ float scratch[kThreads / 32];
   const int ti = find_tensor(table, blockIdx.x);
@@ -320,7 +321,7 @@ __global__ void __launch_bounds__(kThreads) accumulate_kernel(Table table, const
     if (e >= t.numel) break;
     ElementInputs<float> in;
     int64_t ri = 0, ci = 0;
-    element_inputs<P, S, true>(t, e, decays, in, ri, ci);
+    element_inputs<P, S, true>(t, e, in, ri, ci);
     if (t.factored) {
       float x[P::kElementFeatures];
       P::element_features(in, x);
@@ -432,9 +433,9 @@ __global__ void __launch_bounds__(kThreads) fold_kernel(Table table, float step_
 // One block per chunk: features, MLP and update; the tensor's folded first layer and the
 // other layers are staged in shared memory.
 template <class P, typename S>
-__global__ void __launch_bounds__(kThreads) update_kernel(Table table, const float* decays,
-                                                          const float* lr, float weight_decay,
-                                                          float exp_mult, const bool* skip) {
+__global__ void __launch_bounds__(kThreads) update_kernel(Table table, const float* lr,
+                                                          float weight_decay, float exp_mult,
+                                                          const bool* skip) {
   if (skipped(skip)) return;
   constexpr int F = P::kFeatures;
   constexpr int H = P::kHidden;
@@ -462,7 +463,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(Table table, const flo
     if (e >= t.numel) break;
     ElementInputs<float> in;
     int64_t ri = 0, ci = 0;
-    element_inputs<P, S, false>(t, e, decays, in, ri, ci);
+    element_inputs<P, S, false>(t, e, in, ri, ci);
     float direction, magnitude;
     if (t.factored) {
       float x[P::kElementFeatures];

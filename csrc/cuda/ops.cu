@@ -120,7 +120,7 @@ struct Bucket {
 
 // The four passes over a bucket, launched table by table on `stream`.
 template <class P, typename S>
-void run_passes(const std::vector<TensorArgs>& tensors, const float* decays, const float* lr,
+void run_passes(const std::vector<TensorArgs>& tensors, const float* lr,
                 float weight_decay, float step_mult, float exp_mult, const bool* skip,
                 cudaStream_t stream) {
   const auto thread_items = [](const TensorArgs& t) {
@@ -129,7 +129,7 @@ void run_passes(const std::vector<TensorArgs>& tensors, const float* decays, con
   for_each_table<Table, kMaxTensors>(tensors, thread_items, [&](const Table& table) {
     factored_moments_kernel<P, S, false>
         <<<static_cast<unsigned>(blocks_for(table.start[table.count])), kThreads, 0, stream>>>(
-            table, decays, skip);
+            table, skip);
   });
   const auto warp_items = [](const TensorArgs& t) {
     return t.factored && t.numel > 0 ? moment_outputs(t.geo, true) : int64_t{0};
@@ -137,7 +137,7 @@ void run_passes(const std::vector<TensorArgs>& tensors, const float* decays, con
   for_each_table<Table, kMaxTensors>(tensors, warp_items, [&](const Table& table) {
     factored_moments_kernel<P, S, true>
         <<<static_cast<unsigned>(blocks_for(32 * table.start[table.count])), kThreads, 0, stream>>>(
-            table, decays, skip);
+            table, skip);
   });
   check_launch("factored_moments_kernel");
   const auto row_items = [](const TensorArgs& t) {
@@ -150,7 +150,7 @@ void run_passes(const std::vector<TensorArgs>& tensors, const float* decays, con
   check_launch("row_factor_kernel");
   const auto chunk_items = [](const TensorArgs& t) { return t.chunks; };
   for_each_table<Table, kMaxTensors>(tensors, chunk_items, [&](const Table& table) {
-    accumulate_kernel<P, S><<<static_cast<unsigned>(table.start[table.count]), kThreads, 0, stream>>>(table, decays, skip);
+    accumulate_kernel<P, S><<<static_cast<unsigned>(table.start[table.count]), kThreads, 0, stream>>>(table, skip);
   });
   check_launch("accumulate_kernel");
   const auto one = [](const TensorArgs&) { return int64_t{1}; };
@@ -160,7 +160,7 @@ void run_passes(const std::vector<TensorArgs>& tensors, const float* decays, con
   check_launch("fold_kernel");
   for_each_table<Table, kMaxTensors>(tensors, chunk_items, [&](const Table& table) {
     update_kernel<P, S><<<static_cast<unsigned>(table.start[table.count]), kThreads, 0, stream>>>(
-        table, decays, lr, weight_decay, exp_mult, skip);
+        table, lr, weight_decay, exp_mult, skip);
   });
   check_launch("update_kernel");
 }
@@ -183,14 +183,14 @@ void dispatch_storage(at::ScalarType dtype, const char* op, F fn) {
 }
 
 // One op call over a bucket: scratch and tables, setup(i, tensors[i]) for P's per-tensor
-// pointers (weights, step count, lr_mult), the passes, and the write-back of non-contiguous
-// parameters. `decays` as P::decay reads them (null for fixed decays); `skip` may be null.
+// pointers (weights, decays, step count, lr_mult), the passes, and the write-back of
+// non-contiguous parameters. `skip` may be null.
 template <class P, typename Setup>
 void run_bucket(const std::vector<TensorInfo>& infos, at::TensorList params,
                 at::TensorList grads, at::TensorList momentum, at::TensorList rms,
                 at::TensorList fac_row, at::TensorList fac_col, at::TensorList fac_diag,
-                const float* decays, const at::Tensor& lr, double weight_decay,
-                double step_mult, double exp_mult, const bool* skip, const char* op,
+                const at::Tensor& lr, double weight_decay, double step_mult,
+                double exp_mult, const bool* skip, const char* op,
                 Setup setup) {
   const c10::DeviceGuard guard(params[0].device());
   const cudaStream_t stream = current_stream(params[0].device());
@@ -199,7 +199,7 @@ void run_bucket(const std::vector<TensorInfo>& infos, at::TensorList params,
   const at::Tensor lr32 = lr.to(at::kFloat);
   dispatch_storage(params[0].scalar_type(), op, [&](auto* tag) {
     using S = std::remove_pointer_t<decltype(tag)>;
-    run_passes<P, S>(bucket.tensors, decays, lr32.data_ptr<float>(),
+    run_passes<P, S>(bucket.tensors, lr32.data_ptr<float>(),
                      static_cast<float>(weight_decay), static_cast<float>(step_mult),
                      static_cast<float>(exp_mult), skip, stream);
   });
@@ -217,11 +217,15 @@ void small_fc_lopt_step_cuda(at::TensorList params, at::TensorList grads,
                                                 fac_diag, state_steps, lr, meta_weights, decays);
   if (params.empty()) return;
   const float* weights = meta_weights.data_ptr<float>();
+  const float* decay_values = decays.data_ptr<float>();
+  // Shared by all tensors, or one row per tensor.
+  const int64_t weights_stride = meta_weights.dim() == 2 ? small_fc_lopt::kPackedWeights : 0;
+  const int64_t decays_stride = decays.dim() == 2 ? kDecays : 0;
   run_bucket<small_fc_lopt::Policy>(
-      infos, params, grads, momentum, rms, fac_row, fac_col, fac_diag, decays.data_ptr<float>(),
-      lr, weight_decay, step_mult, exp_mult, nullptr, "small_fc_lopt_step_",
-      [&](size_t i, TensorArgs& t) {
-        t.weights = weights;
+      infos, params, grads, momentum, rms, fac_row, fac_col, fac_diag, lr, weight_decay,
+      step_mult, exp_mult, nullptr, "small_fc_lopt_step_", [&](size_t i, TensorArgs& t) {
+        t.weights = weights + i * weights_stride;
+        t.decays = decay_values + i * decays_stride;
         t.step = state_steps[i].data_ptr<float>();
       });
 }
@@ -237,7 +241,7 @@ void velo_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   const float* weights = mlp_weights.data_ptr<float>();
   const float* mult = lr_mult.data_ptr<float>();
   run_bucket<velo::Policy>(infos, params, grads, momentum, rms, fac_row, fac_col, fac_diag,
-                           nullptr, lr, weight_decay, step_mult, exp_mult, skip.data_ptr<bool>(),
+                           lr, weight_decay, step_mult, exp_mult, skip.data_ptr<bool>(),
                            "velo_step_", [&](size_t i, TensorArgs& t) {
                              t.weights = weights + i * velo::kPackedWeights;
                              t.lr_mult = mult + i;

@@ -29,6 +29,7 @@ struct StatsTable {
   int64_t start[kMaxStatsTensors + 1];
   int count;
 };
+static_assert(sizeof(StatsTable) <= 4096 - 64, "the tensor table must fit the kernel parameter space");
 
 template <typename S>
 __global__ void __launch_bounds__(kThreads) chunk_moments_kernel(StatsTable table,
