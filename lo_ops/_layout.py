@@ -71,12 +71,18 @@ def effective_decays(offsets: dict[str, Sequence[float]]) -> torch.Tensor:
     decay = param_to_decay(decay_to_param(d) + o), decay_to_param(x) = log(1 - x) / 10,
     param_to_decay(y) = 1 - exp(10 y).
     """
-    base = torch.tensor(MOMENTUM_DECAYS + RMS_DECAYS + ADAFACTOR_DECAYS, dtype=torch.float32)
     off = torch.tensor(
         [*offsets["momentum"], *offsets["rms"], *offsets["adafactor"]], dtype=torch.float32
     )
+    return decays_from_offsets(off)
+
+
+def decays_from_offsets(offsets: torch.Tensor) -> torch.Tensor:
+    """``effective_decays`` for a float32 tensor of offsets ``[..., 7]`` (same order)."""
+    base = torch.tensor(MOMENTUM_DECAYS + RMS_DECAYS + ADAFACTOR_DECAYS, dtype=torch.float32,
+                        device=offsets.device)
     param = torch.log(1 - base) / 10
-    return 1 - torch.exp(10 * (param + off))
+    return 1 - torch.exp(10 * (param + offsets.float()))
 
 
 # -- VeLO (spec section 3) ----------------------------------------------------------------------

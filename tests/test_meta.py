@@ -1,0 +1,62 @@
+"""Meta-training: the batched inner step equals SmallFCLOpt.step() copy by copy."""
+
+import torch
+
+import lo_ops
+from lo_ops.meta import BatchedSmallFCLOpt, pack_meta
+from lo_ops.networks import normalised_adam_network
+
+
+def _random_network(seed):
+    net = normalised_adam_network()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in net.layers:
+            layer.weight.normal_(0, 0.3, generator=gen)
+            layer.bias.normal_(0, 0.1, generator=gen)
+    offsets = {"momentum": (0.1 * torch.randn(3, generator=gen)).tolist(),
+               "rms": (0.1 * torch.randn(1, generator=gen)).tolist(),
+               "adafactor": (0.1 * torch.randn(3, generator=gen)).tolist()}
+    net.decay_offsets = offsets
+    return net
+
+
+def test_batched_step_equals_small_fc_lopt_per_copy():
+    shapes = [(7, 5), (5,), (), (3, 4, 6)]
+    copies = 3
+    gen = torch.Generator().manual_seed(0)
+    stacked = [torch.randn(copies, *s, generator=gen) for s in shapes]
+    nets = [_random_network(c) for c in range(copies)]
+    theta = torch.stack([
+        pack_meta(n.packed_weights(), n.decay_offsets["momentum"] + n.decay_offsets["rms"] + n.decay_offsets["adafactor"])
+        for n in nets
+    ])
+    batched = BatchedSmallFCLOpt([s.clone() for s in stacked], step_mult=0.001, exp_mult=0.001)
+    singles = []
+    for c in range(copies):
+        params = [torch.nn.Parameter(s[c].clone()) for s in stacked]
+        singles.append((params, lo_ops.SmallFCLOpt(params, lr=0.7, pretrained=nets[c], step_mult=0.001,
+                                                    decay_offsets=nets[c].decay_offsets)))
+    for k in range(5):
+        grads = [torch.randn(copies, *s, generator=gen) for s in shapes]
+        batched.step(grads, theta, lr=0.7)
+        for c, (params, opt) in enumerate(singles):
+            for p, g in zip(params, grads):
+                p.grad = g[c].clone()
+            opt.step()
+    for c, (params, opt) in enumerate(singles):
+        for i, p in enumerate(params):
+            torch.testing.assert_close(batched.params[i][c], p.detach(), rtol=1e-6, atol=1e-7)
+            assert torch.equal(batched.state[i]["momentum"][c], opt.state[p]["momentum"])
+        assert torch.equal(batched.steps[c], torch.full((len(shapes),), 5.0))
+
+
+def test_reset_zeroes_the_state_of_chosen_copies():
+    batched = BatchedSmallFCLOpt([torch.randn(4, 3, 2), torch.randn(4, 2)])
+    theta = pack_meta(normalised_adam_network().packed_weights(), [0.0] * 7).expand(4, -1).contiguous()
+    batched.step([torch.randn(4, 3, 2), torch.randn(4, 2)], theta)
+    batched.reset([1, 3])
+    for st in batched.state:
+        for v in st.values():
+            assert v[[1, 3]].abs().sum() == 0 and v[[0, 2]].abs().sum() > 0
+    assert batched.steps[[1, 3]].abs().sum() == 0 and batched.steps[[0, 2]].min() == 1
