@@ -1,0 +1,168 @@
+"""Antithetic Persistent Evolution Strategies (PES) over small_fc_lopt's meta-parameters.
+
+Each of K antithetic pairs trains two copies of a task (same initialisation, same batches)
+with meta-parameters ``theta + eps`` and ``theta - eps``; all 2K copies step in one fused call
+(``BatchedSmallFCLOpt``). An outer step unrolls U inner steps, scores each copy by its mean
+inner loss normalised by the loss at the start of its run, and estimates the meta-gradient as
+
+    g = sum_k (L+_k - L-_k) xi_k / (2 K sigma^2),
+
+where ``xi_k`` accumulates the pair's perturbations since its inner run started (this is what
+makes the truncated estimate unbiased). Inner runs have log-uniform lengths and random start
+offsets, and restart with a new task instance when they end. The outer optimizer is AdamW with
+linear warm-up, cosine decay and gradient-norm clipping.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .batched import META_NUMEL, BatchedSmallFCLOpt
+from .tasks import TeacherStudentMLP
+
+
+@dataclass
+class PESConfig:
+    pairs: int = 8
+    sigma: float = 0.01
+    unroll: int = 10
+    min_inner: int = 50
+    max_inner: int = 400
+    inner_lr: float = 1.0
+    outer_lr: float = 3e-3
+    outer_steps: int = 1000
+    warmup: int = 20
+    clip: float = 1.0
+    seed: int = 0
+
+
+class PES:
+    """Meta-trains ``theta`` (``[META_NUMEL]``: packed weights then decay offsets) on a family."""
+
+    def __init__(self, family: TeacherStudentMLP, theta0: Tensor, config: PESConfig,
+                 step_mult: float = 0.001, exp_mult: float = 0.001):
+        if theta0.shape != (META_NUMEL,):
+            raise ValueError(f"theta0 must have {META_NUMEL} elements, got {tuple(theta0.shape)}")
+        self.family = family
+        self.config = config
+        self.gen = torch.Generator().manual_seed(config.seed)
+        self.theta = torch.nn.Parameter(theta0.detach().clone().float())
+        self.outer = torch.optim.AdamW([self.theta], lr=config.outer_lr, weight_decay=0.0)
+
+        def schedule(step):
+            if step < config.warmup:
+                return (step + 1) / config.warmup
+            progress = min(1.0, (step - config.warmup) / max(1, config.outer_steps - config.warmup))
+            return 0.5 * (1 + math.cos(math.pi * progress))
+
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.outer, schedule)
+        k = config.pairs
+        self.params = family.init_params(2 * k, self.gen)
+        self.inner = BatchedSmallFCLOpt(self.params, step_mult=step_mult, exp_mult=exp_mult)
+        self.x, self.y = None, None
+        self.xi = torch.zeros(k, META_NUMEL)
+        self.length = torch.zeros(k, dtype=torch.long)
+        self.t = torch.zeros(k, dtype=torch.long)
+        self.start_loss = torch.ones(2 * k)
+        self.outer_step = 0
+        self._restart(torch.arange(k), offsets=True)
+
+    def _lengths(self, count: int) -> Tensor:
+        lo, hi = math.log(self.config.min_inner), math.log(self.config.max_inner)
+        return torch.exp(lo + (hi - lo) * torch.rand(count, generator=self.gen)).round().long()
+
+    def _both(self, pairs: Tensor) -> Tensor:
+        return torch.cat([pairs, pairs + self.config.pairs])
+
+    @torch.no_grad()
+    def _restart(self, pairs: Tensor, offsets: bool = False) -> None:
+        """New task instances (initialisation and data) for these pairs; fresh inner state."""
+        k = self.config.pairs
+        n = len(pairs)
+        fresh = self.family.init_params(n, self.gen)
+        x, y = self.family.make_data(n, self.gen)
+        if self.x is None:
+            self.x = x.new_zeros((2 * k, *x.shape[1:]))
+            self.y = y.new_zeros((2 * k, *y.shape[1:]))
+        both = self._both(pairs)
+        for p, f in zip(self.params, fresh):
+            p.data[both] = torch.cat([f, f])
+        self.x[both] = torch.cat([x, x])
+        self.y[both] = torch.cat([y, y])
+        self.inner.reset(both)
+        self.xi[pairs] = 0
+        self.length[pairs] = self._lengths(n)
+        # Random start offsets desynchronise the pairs' restarts (the first runs are shorter).
+        self.t[pairs] = (torch.rand(n, generator=self.gen) * self.length[pairs]).long() if offsets else 0
+        self.start_loss[both] = self._loss(both).detach().clamp_min(1e-8)
+
+    def _batch(self) -> tuple[Tensor, Tensor]:
+        k, b = self.config.pairs, self.family.batch
+        idx = torch.randint(0, self.x.shape[1], (k, b), generator=self.gen)
+        idx = torch.cat([idx, idx])  # antithetic copies see the same batches
+        rows = torch.arange(2 * k).unsqueeze(1)
+        return self.x[rows, idx], self.y[rows, idx]
+
+    def _loss(self, copies: Tensor | None = None) -> Tensor:
+        x, y = (self.x, self.y) if copies is None else (self.x[copies], self.y[copies])
+        params = self.params if copies is None else [p[copies] for p in self.params]
+        return self.family.loss(params, x, y)
+
+    def step(self) -> float:
+        """One outer step; returns the mean normalised inner loss of the unroll."""
+        cfg = self.config
+        k = cfg.pairs
+        eps = cfg.sigma * torch.randn(k, META_NUMEL, generator=self.gen)
+        theta = self.theta.detach()
+        thetas = torch.cat([theta + eps, theta - eps])
+        total = torch.zeros(2 * k)
+        for _ in range(cfg.unroll):
+            xb, yb = self._batch()
+            with torch.enable_grad():
+                loss = self.family.loss(self.params, xb, yb)
+                grads = torch.autograd.grad(loss.sum(), self.params)
+            self.inner.step(grads, thetas, lr=cfg.inner_lr)
+            total += loss.detach() / self.start_loss
+        scores = total / cfg.unroll
+        self.xi += eps
+        diff = scores[:k] - scores[k:]
+        finite = torch.isfinite(diff)
+        diff = torch.where(finite, diff, torch.zeros_like(diff))  # a diverged pair gives no signal
+        grad = (diff.unsqueeze(1) * self.xi).sum(0) / (2 * k * cfg.sigma**2)
+        self.theta.grad = grad
+        torch.nn.utils.clip_grad_norm_([self.theta], cfg.clip)
+        self.outer.step()
+        self.schedule.step()
+        self.outer_step += 1
+        self.t += cfg.unroll
+        done = ((self.t >= self.length) | ~finite).nonzero().flatten()
+        if len(done):
+            self._restart(done)
+        mean = scores[torch.isfinite(scores)]
+        return float(mean.mean()) if len(mean) else float("nan")
+
+
+@torch.no_grad()
+def evaluate(family: TeacherStudentMLP, theta: Tensor, *, copies: int = 8, steps: int = 200,
+             seed: int = 1234, step_mult: float = 0.001, exp_mult: float = 0.001,
+             lr: float = 1.0) -> float:
+    """Mean over copies of the final full-data loss after ``steps`` steps with ``theta``,
+    normalised by the initial loss (same seed, same tasks for every theta)."""
+    gen = torch.Generator().manual_seed(seed)
+    params = family.init_params(copies, gen)
+    x, y = family.make_data(copies, gen)
+    inner = BatchedSmallFCLOpt(params, step_mult=step_mult, exp_mult=exp_mult)
+    thetas = theta.detach().float().expand(copies, -1).contiguous()
+    start = family.loss(params, x, y)
+    for _ in range(steps):
+        idx = torch.randint(0, x.shape[1], (copies, family.batch), generator=gen)
+        rows = torch.arange(copies).unsqueeze(1)
+        with torch.enable_grad():
+            loss = family.loss(params, x[rows, idx], y[rows, idx])
+            grads = torch.autograd.grad(loss.sum(), params)
+        inner.step(grads, thetas, lr=lr)
+    return float((family.loss(params, x, y) / start).mean())
