@@ -1,4 +1,4 @@
-"""Command line: ``python -m lo_ops demo`` and ``python -m lo_ops convert``."""
+"""Command line: ``python -m lo_ops demo``, ``convert`` and ``meta-train``."""
 
 from __future__ import annotations
 
@@ -98,6 +98,11 @@ def main(argv=None) -> int:
     c.add_argument("--out", required=True, help="output directory")
     c.add_argument("--revision", default=None, help="Hub revision (for repo ids)")
     c.set_defaults(func=convert)
+    from lo_ops.meta import train as meta_train
+
+    mt = sub.add_parser("meta-train", help="meta-train small_fc_lopt with PES (checkpoints, resume)")
+    meta_train.add_arguments(mt)
+    mt.set_defaults(func=meta_train.main)
     args = parser.parse_args(argv)
     if args.func is convert and len(args.source) > 2:
         parser.error("convert takes one source, or two (VeLO_RNN and VeLO_MLP)")

@@ -93,3 +93,46 @@ def test_classification_family_loss_shapes():
     assert y.dtype == torch.long and y.shape == (4, 32)
     loss = family.loss(params, x, y)
     assert loss.shape == (4,) and torch.isfinite(loss).all()
+
+
+def test_meta_train_command_checkpoints_and_resumes(tmp_path, capsys):
+    from lo_ops.__main__ import main
+
+    out = tmp_path / "run"
+    args = ["meta-train", "--out", str(out), "--steps", "4", "--eval-every", "2", "--checkpoint-every", "2",
+            "--eval-steps", "10", "--pairs", "2", "--min-inner", "5", "--max-inner", "10"]
+    assert main(args) == 0
+    assert (out / "last.pt").exists() and (out / "best" / "model.safetensors").exists()
+    lines = (out / "log.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    saved = torch.load(out / "last.pt", weights_only=True)
+    assert saved["pes"]["outer_step"] == 4
+    assert main([*args[:4], "6", *args[5:], "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert torch.load(out / "last.pt", weights_only=True)["pes"]["outer_step"] == 6
+    best, layout = lo_ops.load_small_fc_lopt_network(out / "best")
+    assert layout == "lo_ops"
+    params = [torch.nn.Parameter(torch.randn(3, 2))]
+    params[0].grad = torch.randn(3, 2)
+    lo_ops.SmallFCLOpt(params, pretrained=best).step()
+
+
+def test_resumed_pes_continues_identically():
+    from lo_ops.meta.pes import PES, PESConfig
+    from lo_ops.meta.tasks import TeacherStudentMLP
+
+    theta0 = pack_meta(normalised_adam_network().packed_weights(), [0.0] * 7)
+    family = TeacherStudentMLP(in_dim=4, hidden=(8,), out_dim=2, examples=64, batch=16)
+    config = PESConfig(pairs=2, unroll=3, min_inner=4, max_inner=8, outer_steps=10, warmup=1)
+    a = PES(family, theta0, config)
+    for _ in range(3):
+        a.step()
+    b = PES(family, theta0, config)
+    b.load_state_dict(a.state_dict())
+    sa, sb = a.state_dict(), b.state_dict()
+    for key in ("theta", "params", "inner_state", "inner_steps", "x", "y", "xi", "length", "t",
+                "start_loss", "rng"):
+        assert repr(sa[key]) == repr(sb[key]), key
+    for _ in range(4):
+        assert a.step() == b.step()
+    assert torch.equal(a.theta, b.theta)

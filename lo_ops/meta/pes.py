@@ -15,6 +15,7 @@ linear warm-up, cosine decay and gradient-norm clipping.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -111,6 +112,40 @@ class PES:
         x, y = (self.x, self.y) if copies is None else (self.x[copies], self.y[copies])
         params = self.params if copies is None else [p[copies] for p in self.params]
         return self.family.loss(params, x, y)
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume: meta-parameters, outer optimizer and schedule, the
+        particles (task instances, inner state, accumulated perturbations) and the RNG."""
+        return {
+            "theta": self.theta.detach().clone(),
+            # copies: torch.optim's state_dict shares its tensors (the step count among them)
+            "outer": copy.deepcopy(self.outer.state_dict()),
+            "schedule": copy.deepcopy(self.schedule.state_dict()),
+            "params": [p.detach().clone() for p in self.params],
+            "inner_state": [{k: v.clone() for k, v in st.items()} for st in self.inner.state],
+            "inner_steps": self.inner.steps.clone(),
+            "x": self.x.clone(), "y": self.y.clone(), "xi": self.xi.clone(),
+            "length": self.length.clone(), "t": self.t.clone(),
+            "start_loss": self.start_loss.clone(), "outer_step": self.outer_step,
+            "rng": self.gen.get_state(),
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        self.theta.copy_(state["theta"])
+        self.outer.load_state_dict(state["outer"])
+        self.schedule.load_state_dict(state["schedule"])
+        for p, v in zip(self.params, state["params"]):
+            p.data.copy_(v)
+        for st, saved in zip(self.inner.state, state["inner_state"]):
+            for k in st:
+                st[k].copy_(saved[k])
+        self.inner.steps.copy_(state["inner_steps"])
+        self.x, self.y = state["x"].clone(), state["y"].clone()
+        for name in ("xi", "length", "t", "start_loss"):
+            getattr(self, name).copy_(state[name])
+        self.outer_step = int(state["outer_step"])
+        self.gen.set_state(state["rng"])
 
     def step(self) -> float:
         """One outer step; returns the mean normalised inner loss of the unroll."""
