@@ -1,4 +1,4 @@
-"""Command line: ``python -m lo_ops demo``, ``convert`` and ``meta-train``."""
+"""Command line: ``python -m lo_ops demo``, ``convert``, ``meta-train`` and ``evaluate``."""
 
 from __future__ import annotations
 
@@ -103,6 +103,11 @@ def main(argv=None) -> int:
     mt = sub.add_parser("meta-train", help="meta-train small_fc_lopt with PES (checkpoints, resume)")
     meta_train.add_arguments(mt)
     mt.set_defaults(func=meta_train.main)
+    from lo_ops.meta import evaluate as meta_evaluate
+
+    ev = sub.add_parser("evaluate", help="a learned optimizer against AdamW (tuned and at 1e-3) on held-out tasks")
+    meta_evaluate.add_arguments(ev)
+    ev.set_defaults(func=meta_evaluate.main)
     args = parser.parse_args(argv)
     if args.func is convert and len(args.source) > 2:
         parser.error("convert takes one source, or two (VeLO_RNN and VeLO_MLP)")

@@ -136,3 +136,25 @@ def test_resumed_pes_continues_identically():
     for _ in range(4):
         assert a.step() == b.step()
     assert torch.equal(a.theta, b.theta)
+
+
+def test_evaluate_command_writes_a_report(tmp_path, monkeypatch):
+    from lo_ops.__main__ import main
+    from lo_ops.meta import evaluate as ev
+    from lo_ops.meta.tasks import TeacherStudentMLP
+
+    monkeypatch.setattr(ev, "EVAL_FAMILIES", {
+        "reg": TeacherStudentMLP(in_dim=4, hidden=(8,), out_dim=2, examples=64, batch=16),
+        "cls": TeacherStudentMLP(in_dim=4, hidden=(8,), out_dim=3, classification=True, examples=64, batch=16),
+    })
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--steps", "20", "--seeds", "2", "--out", str(out)]) == 0
+    import json
+
+    report = json.loads(out.read_text())
+    for name in ("reg", "cls"):
+        fam = report["families"][name]
+        assert set(fam) >= {"learned", "adamw_tuned", "adamw_0.001", "verdict"}
+        assert fam["adamw_tuned"]["lr"] in ev.ADAMW_GRID
+        assert all(v["mean"] == v["mean"] for v in fam["learned"].values())  # no NaN
+    assert "test_accuracy" in report["families"]["cls"]["learned"]
