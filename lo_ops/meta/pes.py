@@ -1,6 +1,6 @@
 """Antithetic Persistent Evolution Strategies (PES) over small_fc_lopt's meta-parameters.
 
-Each of K antithetic pairs trains two copies of a task (same initialisation, same batches)
+Each of K antithetic pairs (per task family) trains two copies of a task (same initialisation, same batches)
 with meta-parameters ``theta + eps`` and ``theta - eps``; all 2K copies step in one fused call
 (``BatchedSmallFCLOpt``). An outer step unrolls U inner steps, scores each copy by its mean
 inner loss normalised by the loss at the start of its run, and estimates the meta-gradient as
@@ -41,46 +41,31 @@ class PESConfig:
     seed: int = 0
 
 
-class PES:
-    """Meta-trains ``theta`` (``[META_NUMEL]``: packed weights then decay offsets) on a family."""
+class _Particles:
+    """K antithetic pairs (2K copies) of one task family, with their inner optimizer state and
+    their accumulated perturbations."""
 
-    def __init__(self, family: TeacherStudentMLP, theta0: Tensor, config: PESConfig,
-                 step_mult: float = 0.001, exp_mult: float = 0.001):
-        if theta0.shape != (META_NUMEL,):
-            raise ValueError(f"theta0 must have {META_NUMEL} elements, got {tuple(theta0.shape)}")
+    def __init__(self, family: TeacherStudentMLP, config: PESConfig, gen: torch.Generator,
+                 step_mult: float, exp_mult: float):
         self.family = family
         self.config = config
-        self.gen = torch.Generator().manual_seed(config.seed)
-        self.theta = torch.nn.Parameter(theta0.detach().clone().float())
-        self.outer = torch.optim.AdamW([self.theta], lr=config.outer_lr, weight_decay=0.0)
-
-        def schedule(step):
-            if step < config.warmup:
-                return (step + 1) / config.warmup
-            progress = min(1.0, (step - config.warmup) / max(1, config.outer_steps - config.warmup))
-            return 0.5 * (1 + math.cos(math.pi * progress))
-
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.outer, schedule)
+        self.gen = gen
         k = config.pairs
-        self.params = family.init_params(2 * k, self.gen)
+        self.params = family.init_params(2 * k, gen)
         self.inner = BatchedSmallFCLOpt(self.params, step_mult=step_mult, exp_mult=exp_mult)
         self.x, self.y = None, None
         self.xi = torch.zeros(k, META_NUMEL)
         self.length = torch.zeros(k, dtype=torch.long)
         self.t = torch.zeros(k, dtype=torch.long)
         self.start_loss = torch.ones(2 * k)
-        self.outer_step = 0
-        self._restart(torch.arange(k), offsets=True)
+        self.restart(torch.arange(k), offsets=True)
 
     def _lengths(self, count: int) -> Tensor:
         lo, hi = math.log(self.config.min_inner), math.log(self.config.max_inner)
         return torch.exp(lo + (hi - lo) * torch.rand(count, generator=self.gen)).round().long()
 
-    def _both(self, pairs: Tensor) -> Tensor:
-        return torch.cat([pairs, pairs + self.config.pairs])
-
     @torch.no_grad()
-    def _restart(self, pairs: Tensor, offsets: bool = False) -> None:
+    def restart(self, pairs: Tensor, offsets: bool = False) -> None:
         """New task instances (initialisation and data) for these pairs; fresh inner state."""
         k = self.config.pairs
         n = len(pairs)
@@ -89,7 +74,7 @@ class PES:
         if self.x is None:
             self.x = x.new_zeros((2 * k, *x.shape[1:]))
             self.y = y.new_zeros((2 * k, *y.shape[1:]))
-        both = self._both(pairs)
+        both = torch.cat([pairs, pairs + k])
         for p, f in zip(self.params, fresh):
             p.data[both] = torch.cat([f, f])
         self.x[both] = torch.cat([x, x])
@@ -99,7 +84,8 @@ class PES:
         self.length[pairs] = self._lengths(n)
         # Random start offsets desynchronise the pairs' restarts (the first runs are shorter).
         self.t[pairs] = (torch.rand(n, generator=self.gen) * self.length[pairs]).long() if offsets else 0
-        self.start_loss[both] = self._loss(both).detach().clamp_min(1e-8)
+        params = [p[both] for p in self.params]
+        self.start_loss[both] = self.family.loss(params, self.x[both], self.y[both]).clamp_min(1e-8)
 
     def _batch(self) -> tuple[Tensor, Tensor]:
         k, b = self.config.pairs, self.family.batch
@@ -108,51 +94,11 @@ class PES:
         rows = torch.arange(2 * k).unsqueeze(1)
         return self.x[rows, idx], self.y[rows, idx]
 
-    def _loss(self, copies: Tensor | None = None) -> Tensor:
-        x, y = (self.x, self.y) if copies is None else (self.x[copies], self.y[copies])
-        params = self.params if copies is None else [p[copies] for p in self.params]
-        return self.family.loss(params, x, y)
-
-    def state_dict(self) -> dict:
-        """Everything needed to resume: meta-parameters, outer optimizer and schedule, the
-        particles (task instances, inner state, accumulated perturbations) and the RNG."""
-        return {
-            "theta": self.theta.detach().clone(),
-            # copies: torch.optim's state_dict shares its tensors (the step count among them)
-            "outer": copy.deepcopy(self.outer.state_dict()),
-            "schedule": copy.deepcopy(self.schedule.state_dict()),
-            "params": [p.detach().clone() for p in self.params],
-            "inner_state": [{k: v.clone() for k, v in st.items()} for st in self.inner.state],
-            "inner_steps": self.inner.steps.clone(),
-            "x": self.x.clone(), "y": self.y.clone(), "xi": self.xi.clone(),
-            "length": self.length.clone(), "t": self.t.clone(),
-            "start_loss": self.start_loss.clone(), "outer_step": self.outer_step,
-            "rng": self.gen.get_state(),
-        }
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict) -> None:
-        self.theta.copy_(state["theta"])
-        self.outer.load_state_dict(state["outer"])
-        self.schedule.load_state_dict(state["schedule"])
-        for p, v in zip(self.params, state["params"]):
-            p.data.copy_(v)
-        for st, saved in zip(self.inner.state, state["inner_state"]):
-            for k in st:
-                st[k].copy_(saved[k])
-        self.inner.steps.copy_(state["inner_steps"])
-        self.x, self.y = state["x"].clone(), state["y"].clone()
-        for name in ("xi", "length", "t", "start_loss"):
-            getattr(self, name).copy_(state[name])
-        self.outer_step = int(state["outer_step"])
-        self.gen.set_state(state["rng"])
-
-    def step(self) -> float:
-        """One outer step; returns the mean normalised inner loss of the unroll."""
+    def unroll(self, theta: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+        """U inner steps with theta +- eps; returns (this group's share of the meta-gradient
+        sum: sum_k (L+ - L-) xi_k, the copies' normalised scores)."""
         cfg = self.config
         k = cfg.pairs
-        eps = cfg.sigma * torch.randn(k, META_NUMEL, generator=self.gen)
-        theta = self.theta.detach()
         thetas = torch.cat([theta + eps, theta - eps])
         total = torch.zeros(2 * k)
         for _ in range(cfg.unroll):
@@ -167,18 +113,106 @@ class PES:
         diff = scores[:k] - scores[k:]
         finite = torch.isfinite(diff)
         diff = torch.where(finite, diff, torch.zeros_like(diff))  # a diverged pair gives no signal
-        grad = (diff.unsqueeze(1) * self.xi).sum(0) / (2 * k * cfg.sigma**2)
-        self.theta.grad = grad
+        contribution = (diff.unsqueeze(1) * self.xi).sum(0)
+        self.t += cfg.unroll
+        done = ((self.t >= self.length) | ~finite).nonzero().flatten()
+        if len(done):
+            self.restart(done)
+        return contribution, scores
+
+    def state_dict(self) -> dict:
+        return {
+            "params": [p.detach().clone() for p in self.params],
+            "inner_state": [{k: v.clone() for k, v in st.items()} for st in self.inner.state],
+            "inner_steps": self.inner.steps.clone(),
+            "x": self.x.clone(), "y": self.y.clone(), "xi": self.xi.clone(),
+            "length": self.length.clone(), "t": self.t.clone(), "start_loss": self.start_loss.clone(),
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        for p, v in zip(self.params, state["params"]):
+            p.data.copy_(v)
+        for st, saved in zip(self.inner.state, state["inner_state"]):
+            for k in st:
+                st[k].copy_(saved[k])
+        self.inner.steps.copy_(state["inner_steps"])
+        self.x, self.y = state["x"].clone(), state["y"].clone()
+        for name in ("xi", "length", "t", "start_loss"):
+            getattr(self, name).copy_(state[name])
+
+
+class PES:
+    """Meta-trains ``theta`` (``[META_NUMEL]``: packed weights then decay offsets) on one or
+    several task families: each family has its own K antithetic pairs, and the meta-gradient
+    averages over all pairs of all families (a mixture of architectures in every outer step)."""
+
+    def __init__(self, families: TeacherStudentMLP | list[TeacherStudentMLP], theta0: Tensor,
+                 config: PESConfig, step_mult: float = 0.001, exp_mult: float = 0.001):
+        if theta0.shape != (META_NUMEL,):
+            raise ValueError(f"theta0 must have {META_NUMEL} elements, got {tuple(theta0.shape)}")
+        self.families = [families] if isinstance(families, TeacherStudentMLP) else list(families)
+        if not self.families:
+            raise ValueError("PES needs at least one task family")
+        self.config = config
+        self.gen = torch.Generator().manual_seed(config.seed)
+        self.theta = torch.nn.Parameter(theta0.detach().clone().float())
+        self.outer = torch.optim.AdamW([self.theta], lr=config.outer_lr, weight_decay=0.0)
+
+        def schedule(step):
+            if step < config.warmup:
+                return (step + 1) / config.warmup
+            progress = min(1.0, (step - config.warmup) / max(1, config.outer_steps - config.warmup))
+            return 0.5 * (1 + math.cos(math.pi * progress))
+
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.outer, schedule)
+        self.groups = [_Particles(f, config, self.gen, step_mult, exp_mult) for f in self.families]
+        self.outer_step = 0
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume: meta-parameters, outer optimizer and schedule, the
+        particles (task instances, inner state, accumulated perturbations) and the RNG."""
+        return {
+            "theta": self.theta.detach().clone(),
+            # copies: torch.optim's state_dict shares its tensors (the step count among them)
+            "outer": copy.deepcopy(self.outer.state_dict()),
+            "schedule": copy.deepcopy(self.schedule.state_dict()),
+            "groups": [g.state_dict() for g in self.groups],
+            "outer_step": self.outer_step,
+            "rng": self.gen.get_state(),
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["groups"]) != len(self.groups):
+            raise ValueError(f"the saved run has {len(state['groups'])} task families, this one {len(self.groups)}")
+        self.theta.copy_(state["theta"])
+        self.outer.load_state_dict(state["outer"])
+        self.schedule.load_state_dict(state["schedule"])
+        for g, saved in zip(self.groups, state["groups"]):
+            g.load_state_dict(saved)
+        self.outer_step = int(state["outer_step"])
+        self.gen.set_state(state["rng"])
+
+    def step(self) -> float:
+        """One outer step; returns the mean normalised inner loss of the unroll."""
+        cfg = self.config
+        theta = self.theta.detach()
+        grad = torch.zeros(META_NUMEL)
+        scores = []
+        for group in self.groups:
+            eps = cfg.sigma * torch.randn(cfg.pairs, META_NUMEL, generator=self.gen)
+            contribution, s = group.unroll(theta, eps)
+            grad += contribution
+            scores.append(s)
+        self.theta.grad = grad / (2 * cfg.pairs * len(self.groups) * cfg.sigma**2)
         torch.nn.utils.clip_grad_norm_([self.theta], cfg.clip)
         self.outer.step()
         self.schedule.step()
         self.outer_step += 1
-        self.t += cfg.unroll
-        done = ((self.t >= self.length) | ~finite).nonzero().flatten()
-        if len(done):
-            self._restart(done)
-        mean = scores[torch.isfinite(scores)]
-        return float(mean.mean()) if len(mean) else float("nan")
+        all_scores = torch.cat(scores)
+        finite = all_scores[torch.isfinite(all_scores)]
+        return float(finite.mean()) if len(finite) else float("nan")
 
 
 @torch.no_grad()

@@ -21,8 +21,13 @@ from .batched import pack_meta
 from .pes import PES, PESConfig, evaluate
 from .tasks import TeacherStudentMLP
 
-# Training and held-out families: other widths, depths, sizes and kinds than the training one.
-TRAIN_FAMILY = TeacherStudentMLP(in_dim=8, hidden=(32,), out_dim=4, examples=512, batch=64)
+# Training families (every outer step sees all of them) and held-out families (other widths,
+# depths, sizes and kinds).
+TRAIN_FAMILIES = (
+    TeacherStudentMLP(in_dim=8, hidden=(32,), out_dim=4, examples=512, batch=64),
+    TeacherStudentMLP(in_dim=6, hidden=(24, 24), out_dim=3, examples=512, batch=32),
+    TeacherStudentMLP(in_dim=10, hidden=(32,), out_dim=4, classification=True, examples=512, batch=64),
+)
 HELD_OUT = (
     TeacherStudentMLP(in_dim=16, hidden=(64,), out_dim=4, examples=512, batch=64),
     TeacherStudentMLP(in_dim=8, hidden=(32, 32), out_dim=2, examples=512, batch=32),
@@ -63,7 +68,7 @@ def main(args) -> int:
     step_mult = start_net.step_mult
     offsets = start_net.decay_offsets
     theta0 = pack_meta(start_net.packed_weights(), offsets["momentum"] + offsets["rms"] + offsets["adafactor"])
-    pes = PES(TRAIN_FAMILY, theta0, config, step_mult=step_mult)
+    pes = PES(list(TRAIN_FAMILIES), theta0, config, step_mult=step_mult)
     best = float("inf")
     last = out / "last.pt"
     if args.resume and last.exists():
