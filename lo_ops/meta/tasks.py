@@ -50,14 +50,19 @@ class TeacherStudentMLP:
             return x, y.argmax(dim=-1)
         return x, y + self.noise * torch.randn(y.shape, generator=gen)
 
-    def loss(self, params: list[Tensor], x: Tensor, y: Tensor) -> Tensor:
-        """The loss of every copy on its own batch: ``[copies]``."""
+    def forward(self, params: list[Tensor], x: Tensor) -> Tensor:
+        """Every copy's outputs on its own inputs: ``[copies, batch, out]``."""
         h = x
         layers = len(params) // 2
         for i in range(layers):
             h = torch.baddbmm(params[2 * i + 1].unsqueeze(1), h, params[2 * i].transpose(1, 2))
             if i < layers - 1:
                 h = torch.tanh(h)
+        return h
+
+    def loss(self, params: list[Tensor], x: Tensor, y: Tensor) -> Tensor:
+        """The loss of every copy on its own batch: ``[copies]``."""
+        h = self.forward(params, x)
         if self.classification:
             return torch.nn.functional.cross_entropy(
                 h.reshape(-1, self.out_dim), y.reshape(-1), reduction="none"
