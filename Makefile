@@ -15,10 +15,13 @@ $(VENV)/bin/python:
 
 # Only what is missing is installed: torch==2.13.0 (the CPU build) when no torch is importable,
 # so a machine with its own torch (a GPU image) keeps it and needs no network.
-DEPS := safetensors huggingface_hub msgpack pytest numpy ninja
+# module:package; scikit-learn and matplotlib are the demo's (the `examples` extra), not the
+# optimizers' dependencies.
+DEPS := safetensors:safetensors huggingface_hub:huggingface_hub msgpack:msgpack pytest:pytest \
+        numpy:numpy ninja:ninja sklearn:scikit-learn matplotlib:matplotlib
 $(STAMP): $(VENV)/bin/python $(SOURCES)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
-	@missing=""; for m in $(DEPS); do $(PY) -c "import $$m" 2>/dev/null || missing="$$missing $$m"; done; \
+	@missing=""; for d in $(DEPS); do $(PY) -c "import $${d%%:*}" 2>/dev/null || missing="$$missing $${d#*:}"; done; \
 	if [ -n "$$missing" ]; then echo "installing:$$missing"; $(PIP) install $$missing; fi
 	$(PY) -c "import setuptools, wheel, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 64)" 2>/dev/null \
 	  || $(PIP) install "setuptools>=64" wheel

@@ -4,59 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-
-import torch
-
-
-def demo(args) -> int:
-    """Trains a small MLP on a synthetic teacher-student task (no download) and prints losses."""
-    import lo_ops
-
-    torch.manual_seed(args.seed)
-    teacher = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4))
-    x = torch.randn(4096, 16)
-    with torch.no_grad():
-        y = teacher(x) + 0.01 * torch.randn(4096, 4)
-
-    def run(name, make_opt):
-        torch.manual_seed(args.seed + 1)
-        model = torch.nn.Sequential(torch.nn.Linear(16, 128), torch.nn.ReLU(), torch.nn.Linear(128, 128),
-                                    torch.nn.ReLU(), torch.nn.Linear(128, 4))
-        opt = make_opt(model.parameters())
-        t0 = time.perf_counter()
-        for step in range(args.steps):
-            idx = torch.randint(0, x.shape[0], (256,))
-
-            def closure():
-                opt.zero_grad()
-                loss = torch.nn.functional.mse_loss(model(x[idx]), y[idx])
-                loss.backward()
-                return loss
-
-            loss = opt.step(closure)
-            if step % args.every == 0 or step == args.steps - 1:
-                print(f"  {name:12s} step {step:4d}  loss {loss.item():.5f}")
-        with torch.no_grad():
-            final = torch.nn.functional.mse_loss(model(x), y).item()
-        print(f"  {name:12s} full-data loss after {args.steps} steps: {final:.5f} "
-              f"({time.perf_counter() - t0:.2f} s)")
-        return final
-
-    print("lo_ops demo: a 16-128-128-4 MLP learns a random teacher network (MSE)")
-    print(f"SmallFCLOpt with the embedded default weights (lr={args.lr}):")
-    ours = run("SmallFCLOpt", lambda ps: lo_ops.SmallFCLOpt(ps, lr=args.lr))
-    print("AdamW(lr=1e-3) for comparison:")
-    base = run("AdamW", lambda ps: torch.optim.AdamW(ps, lr=1e-3))
-    start = torch.nn.functional.mse_loss(torch.zeros_like(y), y).item()
-    print(f"loss of predicting zero: {start:.5f}; SmallFCLOpt: {ours:.5f}; AdamW: {base:.5f}")
-    ok = ours < start
-    if args.velo:
-        print(f"VeLO with the weights in {args.velo} (num_steps={args.steps}):")
-        velo = run("VeLO", lambda ps: lo_ops.VeLO(ps, num_steps=args.steps, pretrained=args.velo))
-        print(f"VeLO: {velo:.5f}")
-        ok = ok and velo == velo  # finite
-    return 0 if ok else 1
 
 
 def convert(args) -> int:
@@ -77,14 +24,11 @@ def convert(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lo_ops")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="train a small model with SmallFCLOpt and print the losses")
-    p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--every", type=int, default=50)
-    p.add_argument("--lr", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--velo", default=None, metavar="WEIGHTS",
-                   help="also train with VeLO, loading its weights from WEIGHTS (any layout)")
-    p.set_defaults(func=demo)
+    from lo_ops import demo
+
+    p = sub.add_parser("demo", help="train a small classifier with the embedded default and with AdamW")
+    demo.add_arguments(p)
+    p.set_defaults(func=demo.run)
     c = sub.add_parser(
         "convert",
         help="convert VeLO weights (Google's msgpack file, PyLO's directories or Hub repos) "

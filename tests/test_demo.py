@@ -1,7 +1,8 @@
 from lo_ops.__main__ import main
 
 
-def test_demo_trains(capsys):
-    assert main(["demo", "--steps", "60", "--every", "20"]) == 0
+def test_demo_trains(capsys, tmp_path):
+    assert main(["demo", "--steps", "60", "--plot", str(tmp_path / "curves.png")]) == 0
     out = capsys.readouterr().out
-    assert "SmallFCLOpt" in out and "full-data loss" in out
+    assert "SmallFCLOpt" in out and "AdamW 1e-3" in out and "test acc" in out
+    assert "not meta-trained" in out
