@@ -8,11 +8,11 @@ import torch
 
 import lo_ops
 from lo_ops import velo_reference as ref
-from lo_ops._layout import VELO_MLP_NUMEL, effective_decays
-from lo_ops.networks import normalised_adam_network
+from lo_ops._layout import VELO_MLP_NUMEL
 
 from conftest import VELO_FIXTURES
 from helpers import SHAPES, make_params, make_state, set_grads
+from test_opcheck import _op_args
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or not lo_ops.has_kernel("small_fc_lopt_step_", "cuda"),
@@ -33,19 +33,7 @@ def _cuda(x):
 
 
 def _small_fc_args(shapes, dtype, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    params = [p.detach() for p in make_params(shapes, dtype, seed=seed)]
-    grads = [torch.randn(p.shape, generator=gen).to(dtype) for p in params]
-    momentum, rms, fac_row, fac_col, fac_diag = make_state(params, gen)
-    steps = [torch.tensor(3.0) for _ in params]
-    net = normalised_adam_network()
-    with torch.no_grad():
-        for layer in net.layers:
-            layer.weight.normal_(0, 0.3, generator=gen)
-            layer.bias.normal_(0, 0.1, generator=gen)
-    zero = {"momentum": [0.0] * 3, "rms": [0.0], "adafactor": [0.0] * 3}
-    return [params, grads, momentum, rms, fac_row, fac_col, fac_diag, steps, torch.tensor(0.5),
-            net.packed_weights(), effective_decays(zero), 0.01, 0.001, 0.001]
+    return list(_op_args(shapes, dtype, seed))
 
 
 def _velo_args(shapes, dtype, seed=0):
