@@ -149,7 +149,7 @@ def test_evaluate_command_writes_a_report(tmp_path, monkeypatch):
         "cls": TeacherStudentMLP(in_dim=4, hidden=(8,), out_dim=3, classification=True, examples=64, batch=16),
     })
     out = tmp_path / "eval.json"
-    assert main(["evaluate", "--steps", "20", "--seeds", "2", "--out", str(out)]) == 0
+    assert main(["evaluate", "--steps", "20", "--seeds", "2", "--out", str(out), "--no-datasets"]) == 0
     import json
 
     report = json.loads(out.read_text())
@@ -159,3 +159,19 @@ def test_evaluate_command_writes_a_report(tmp_path, monkeypatch):
         assert fam["adamw_tuned"]["lr"] in ev.ADAMW_GRID
         assert all(v["mean"] == v["mean"] for v in fam["learned"].values())  # no NaN
     assert "test_accuracy" in report["families"]["cls"]["learned"]
+
+
+def test_bundled_dataset_families():
+    import pytest
+
+    pytest.importorskip("sklearn")
+    from lo_ops.meta.tasks import sklearn_families
+
+    gen = torch.Generator().manual_seed(0)
+    for name, family in sklearn_families().items():
+        x, y = family.make_data(2, gen)
+        assert x.shape[0] == 2 and x.shape[2] == family.in_dim and int(y.max()) + 1 == family.out_dim
+        assert not torch.equal(y[0], y[1])  # each copy its own order
+        params = family.init_params(2, gen)
+        loss = family.loss(params, x[:, :16], y[:, :16])
+        assert loss.shape == (2,) and torch.isfinite(loss).all(), name

@@ -18,7 +18,7 @@ import torch
 
 from ..networks import load_small_fc_lopt_network
 from .batched import BatchedSmallFCLOpt, pack_meta
-from .tasks import TeacherStudentMLP
+from .tasks import TeacherStudentMLP, sklearn_families
 
 ADAMW_GRID = (1e-3, 3e-3, 1e-2, 3e-2)
 # Never used in meta-training (lo_ops.meta.train uses other widths, depths and seeds).
@@ -81,12 +81,16 @@ def _summary(values: list[float]) -> dict:
     return {"mean": float(t.mean()), "std": float(t.std()) if len(values) > 1 else 0.0}
 
 
-def evaluate_weights(pretrained=None, *, steps: int = 500, seeds: int = 4, seed: int = 2024) -> dict:
+def evaluate_weights(pretrained=None, *, steps: int = 500, seeds: int = 4, seed: int = 2024,
+                     datasets: bool = True) -> dict:
+    """The report of ``lo_ops evaluate``; ``datasets`` adds scikit-learn's bundled datasets
+    (when installed) to the synthetic families."""
     net, _ = load_small_fc_lopt_network(pretrained)
     o = net.decay_offsets
     theta = pack_meta(net.packed_weights(), o["momentum"] + o["rms"] + o["adafactor"])
     report = {"steps": steps, "seeds": seeds, "families": {}}
-    for i, (name, family) in enumerate(EVAL_FAMILIES.items()):
+    families = dict(EVAL_FAMILIES) | (sklearn_families() if datasets else {})
+    for i, (name, family) in enumerate(families.items()):
         s = seed + 100 * i  # the same tasks for every method
         runs = {"learned": _train(family, _learned(theta, net.step_mult), seeds, steps, s)}
         for lr in ADAMW_GRID:
@@ -108,7 +112,8 @@ def evaluate_weights(pretrained=None, *, steps: int = 500, seeds: int = 4, seed:
 
 def main(args) -> int:
     t0 = time.time()
-    report = evaluate_weights(args.weights, steps=args.steps, seeds=args.seeds)
+    report = evaluate_weights(args.weights, steps=args.steps, seeds=args.seeds,
+                              datasets=not args.no_datasets)
     report["weights"] = args.weights or "embedded default"
     report["time_s"] = time.time() - t0
     out = Path(args.out)
@@ -151,3 +156,5 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--out", default="perf/results/evaluate.json")
     parser.add_argument("--plot", default=None, help="also write a PNG (needs matplotlib)")
+    parser.add_argument("--no-datasets", action="store_true",
+                        help="leave out scikit-learn's bundled datasets (digits, wine, breast cancer)")

@@ -68,3 +68,50 @@ class TeacherStudentMLP:
                 h.reshape(-1, self.out_dim), y.reshape(-1), reduction="none"
             ).view(h.shape[0], -1).mean(dim=1)
         return (h - y).square().mean(dim=(1, 2))
+
+
+@dataclass(frozen=True)
+class DatasetMLP(TeacherStudentMLP):
+    """Classify one of scikit-learn's bundled datasets (``digits``, ``wine``, ``breast_cancer``;
+    no download) with an MLP of the given widths. Every copy sees the whole dataset, standardised,
+    in its own random order (so its own train/test split in ``lo_ops evaluate``)."""
+
+    dataset: str = "digits"
+    classification: bool = True
+
+    def _arrays(self) -> tuple[Tensor, Tensor]:
+        try:
+            from sklearn import datasets
+        except ImportError as e:
+            raise ImportError(
+                f"the {self.dataset!r} task needs scikit-learn (pip install 'lo_ops[examples]')"
+            ) from e
+        loaders = {"digits": datasets.load_digits, "wine": datasets.load_wine,
+                   "breast_cancer": datasets.load_breast_cancer}
+        if self.dataset not in loaders:
+            raise ValueError(f"unknown dataset {self.dataset!r}; choose from {sorted(loaders)}")
+        bunch = loaders[self.dataset]()
+        x = torch.tensor(bunch.data, dtype=torch.float32)
+        x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+        return x, torch.tensor(bunch.target, dtype=torch.long)
+
+    def make_data(self, copies: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        x, y = self._arrays()
+        if x.shape[1] != self.in_dim or int(y.max()) + 1 != self.out_dim:
+            raise ValueError(f"{self.dataset} has {x.shape[1]} features and {int(y.max()) + 1} classes; "
+                             f"the family says in_dim={self.in_dim}, out_dim={self.out_dim}")
+        order = torch.stack([torch.randperm(len(x), generator=gen) for _ in range(copies)])
+        return x[order], y[order]
+
+
+def sklearn_families() -> dict[str, DatasetMLP]:
+    """The bundled-dataset families, when scikit-learn is installed (else none)."""
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        return {}
+    return {
+        "digits": DatasetMLP(dataset="digits", in_dim=64, hidden=(64,), out_dim=10, batch=64),
+        "wine": DatasetMLP(dataset="wine", in_dim=13, hidden=(32,), out_dim=3, batch=32),
+        "breast_cancer": DatasetMLP(dataset="breast_cancer", in_dim=30, hidden=(32,), out_dim=2, batch=64),
+    }
