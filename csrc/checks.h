@@ -18,6 +18,12 @@ struct TensorInfo {
   int64_t state_index = 0;  // index into fac_row/fac_col (factored) or fac_diag (unfactored)
 };
 
+// Row stride of a table that serves every tensor ([width]) or holds one row per tensor
+// ([T, width]), e.g. small_fc_lopt's meta_weights and decays.
+inline int64_t table_row_stride(const at::Tensor& table, int64_t width) {
+  return table.dim() == 2 ? width : 0;
+}
+
 // The parameters, gradients and accumulators common to small_fc_lopt_step_ and velo_step_:
 // one device, one floating dtype, dense gradients of the parameters' shapes, float32
 // contiguous state of the right shapes (channel axis first).

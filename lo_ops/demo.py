@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from ._plotting import pyplot
+
 
 def _data(seed: int):
     gen = torch.Generator().manual_seed(seed)
@@ -90,26 +92,19 @@ def run(args) -> int:
     print(f"\n  {'optimizer':12s} {'train loss':>10s} {'test loss':>10s} {'test acc':>9s} {'time':>7s}")
     for name, (train_loss, test_loss, accuracy, seconds) in results.items():
         print(f"  {name:12s} {train_loss:10.4f} {test_loss:10.4f} {accuracy:9.3f} {seconds:6.1f}s")
-    if args.plot:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            print("matplotlib is not installed: no plot (pip install 'lo_ops[examples]')")
-        else:
-            fig, ax = plt.subplots(figsize=(6, 4))
-            for name, curve in curves.items():
-                ax.plot(curve, label=name, linewidth=1)
-            ax.set_yscale("log")
-            ax.set_xlabel("step")
-            ax.set_ylabel("training loss (batch)")
-            ax.legend()
-            fig.tight_layout()
-            Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(args.plot, dpi=120)
-            print(f"wrote {args.plot}")
+    plt = pyplot() if args.plot else None
+    if plt is not None:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, curve in curves.items():
+            ax.plot(curve, label=name, linewidth=1)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (batch)")
+        ax.legend()
+        fig.tight_layout()
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(args.plot, dpi=120)
+        print(f"wrote {args.plot}")
     chance = float(torch.log(torch.tensor(10.0)))
     learned_ok = all(r[0] == r[0] for r in results.values()) and results["SmallFCLOpt"][0] < chance
     return 0 if learned_ok else 1

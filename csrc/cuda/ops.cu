@@ -218,9 +218,8 @@ void small_fc_lopt_step_cuda(at::TensorList params, at::TensorList grads,
   if (params.empty()) return;
   const float* weights = meta_weights.data_ptr<float>();
   const float* decay_values = decays.data_ptr<float>();
-  // Shared by all tensors, or one row per tensor.
-  const int64_t weights_stride = meta_weights.dim() == 2 ? small_fc_lopt::kPackedWeights : 0;
-  const int64_t decays_stride = decays.dim() == 2 ? kDecays : 0;
+  const int64_t weights_stride = table_row_stride(meta_weights, small_fc_lopt::kPackedWeights);
+  const int64_t decays_stride = table_row_stride(decays, kDecays);
   run_bucket<small_fc_lopt::Policy>(
       infos, params, grads, momentum, rms, fac_row, fac_col, fac_diag, lr, weight_decay,
       step_mult, exp_mult, nullptr, "small_fc_lopt_step_", [&](size_t i, TensorArgs& t) {

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .._plotting import pyplot
 from ..networks import load_small_fc_lopt_network
 from .batched import BatchedSmallFCLOpt, pack_meta
 from .tasks import TeacherStudentMLP, sklearn_families
@@ -124,15 +125,8 @@ def main(args) -> int:
         print(f"{name:20s} {fam['learned']['train_loss']['mean']:10.4g} "
               f"{fam['adamw_tuned']['train_loss']['mean']:12.4g} {fam['adamw_0.001']['train_loss']['mean']:11.4g}")
     print(f"wrote {out}")
-    if args.plot:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            print("matplotlib is not installed; no plot (pip install 'lo_ops[examples]')")
-            return 0
+    plt = pyplot() if args.plot else None
+    if plt is not None:
         names = list(report["families"])
         fig, ax = plt.subplots(figsize=(8, 4))
         for j, (method, label) in enumerate((("learned", "learned"), ("adamw_tuned", "AdamW tuned"),
