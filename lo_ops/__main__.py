@@ -52,7 +52,9 @@ def main(argv=None) -> int:
     ev = sub.add_parser("evaluate", help="a learned optimizer against AdamW (tuned and at 1e-3) on held-out tasks")
     meta_evaluate.add_arguments(ev)
     ev.set_defaults(func=meta_evaluate.main)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv[1:]  # the sub-command's own arguments (recorded in meta-training provenance)
     if args.func is convert and len(args.source) > 2:
         parser.error("convert takes one source, or two (VeLO_RNN and VeLO_MLP)")
     return args.func(args)

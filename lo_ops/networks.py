@@ -25,7 +25,14 @@ from huggingface_hub import PyTorchModelHubMixin
 from safetensors.torch import load_file
 from torch import nn
 
-from ._layout import HIDDEN_SIZE, INPUT_SIZE, OUTPUT_SIZE, pack_weights
+from ._layout import (
+    HIDDEN_SIZE,
+    INPUT_SIZE,
+    NUM_FEATURES,
+    OUTPUT_SIZE,
+    TIME_SCALES,
+    pack_weights,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -169,15 +176,21 @@ def load_strict(module: nn.Module, tensors: Mapping[str, torch.Tensor], what: st
     module.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
 
 
-def normalised_adam_network() -> SmallFCLOptNetwork:
-    """The embedded default: a hand-built network whose step is normalised Adam.
+def normalised_adam_network(*, exp_mult: float = 0.001, schedule_units: bool = False) -> SmallFCLOptNetwork:
+    """A hand-built network whose step is normalised Adam.
 
     Hidden units 0 and 1 carry relu(+x6) and relu(-x6), where x6 = m(0.9) * rsqrt(v + 1e-6)
     after per-tensor normalisation; the direction output is their difference (= x6), the
     magnitude output and all other units are zero. With step_mult = 0.001 and lr = 1 each step
     is 0.001 times the normalised momentum-over-rms direction.
+
+    ``schedule_units=True`` (the start of meta-training) also routes the 11 time features
+    through hidden units 2-12 of both layers (``tanh(t / s - 1) + 1``, always positive, so the
+    ReLUs pass them unchanged) with zero weight to both outputs: the step is unchanged, but a
+    learned step-size schedule is then one layer of weights away (the magnitude output, whose
+    effect on the log step size is ``exp_mult`` times its weights) instead of three.
     """
-    net = SmallFCLOptNetwork(decay_offsets=ZERO_DECAY_OFFSETS, step_mult=0.001, exp_mult=0.001)
+    net = SmallFCLOptNetwork(decay_offsets=ZERO_DECAY_OFFSETS, step_mult=0.001, exp_mult=exp_mult)
     with torch.no_grad():
         for layer in net.layers:
             layer.weight.zero_()
@@ -188,6 +201,12 @@ def normalised_adam_network() -> SmallFCLOptNetwork:
         net.layers[1].weight[1, 1] = 1.0
         net.layers[2].weight[0, 0] = 1.0
         net.layers[2].weight[0, 1] = -1.0
+        if schedule_units:
+            for k in range(len(TIME_SCALES)):
+                unit = 2 + k
+                net.layers[0].weight[unit, NUM_FEATURES + k] = 1.0
+                net.layers[0].bias[unit] = 1.0
+                net.layers[1].weight[unit, unit] = 1.0
     return net
 
 

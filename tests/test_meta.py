@@ -110,6 +110,15 @@ def test_meta_train_command_checkpoints_and_resumes(tmp_path, capsys):
     assert main([*args[:4], "6", *args[5:], "--resume"]) == 0
     assert "resumed from" in capsys.readouterr().out
     assert torch.load(out / "last.pt", weights_only=True)["pes"]["outer_step"] == 6
+    import json
+
+    import pytest
+
+    provenance = json.loads((out / "best" / "provenance.json").read_text())
+    assert provenance["command"].startswith("python -m lo_ops meta-train --out")
+    assert provenance["seed"] == 0 and provenance["exp_mult"] == 1.0 and provenance["init"] == "normalised-adam"
+    with pytest.raises(SystemExit, match="other settings"):
+        main([*args[:4], "8", *args[5:], "--resume", "--sigma", "0.02"])
     best, layout = lo_ops.load_small_fc_lopt_network(out / "best")
     assert layout == "lo_ops"
     params = [torch.nn.Parameter(torch.randn(3, 2))]
@@ -175,3 +184,93 @@ def test_bundled_dataset_families():
         params = family.init_params(2, gen)
         loss = family.loss(params, x[:, :16], y[:, :16])
         assert loss.shape == (2,) and torch.isfinite(loss).all(), name
+
+
+def test_schedule_units_leave_the_step_unchanged():
+    """The meta-training start: normalised Adam with its time pathway open steps exactly like
+    normalised Adam (its schedule weights are zero)."""
+    gen = torch.Generator().manual_seed(3)
+    results = []
+    for net in (normalised_adam_network(), normalised_adam_network(exp_mult=1.0, schedule_units=True)):
+        p = torch.nn.Parameter(torch.randn(6, 5, generator=torch.Generator().manual_seed(0)))
+        opt = lo_ops.SmallFCLOpt([p], pretrained=net)
+        for i in range(5):
+            p.grad = torch.randn(6, 5, generator=gen)
+            opt.step()
+        results.append(p.detach().clone())
+        gen.manual_seed(3)
+    assert torch.equal(results[0], results[1])
+    net = normalised_adam_network(schedule_units=True)
+    time_units = net.layers[0].weight[2:13, 28:]
+    assert torch.equal(time_units, torch.eye(11)) and (net.layers[2].weight[:, 2:13] == 0).all()
+
+
+def test_pes_config_rejects_bad_values():
+    import pytest
+
+    from lo_ops.meta.pes import PESConfig
+
+    with pytest.raises(ValueError, match="objective"):
+        PESConfig(objective="mean")
+    with pytest.raises(ValueError, match="min_inner"):
+        PESConfig(min_inner=50, max_inner=10)
+    with pytest.raises(ValueError, match="pairs"):
+        PESConfig(pairs=0)
+    with pytest.raises(ValueError, match="reparam"):
+        PESConfig(reparam=-1.0)
+
+
+def test_reparameterisation_keeps_the_function_and_pairs():
+    """With reparameterisation each copy stores p / s per tensor: the model the copy computes is
+    the fresh initialisation (same loss as without), both copies of a pair share their scales,
+    and the scales differ between pairs and tensors."""
+    from lo_ops.meta.pes import PESConfig, _Particles
+    from lo_ops.meta.tasks import TeacherStudentMLP
+
+    family = TeacherStudentMLP(in_dim=4, hidden=(8,), out_dim=2, examples=64, batch=16)
+    plain = _Particles(family, PESConfig(pairs=3), torch.Generator().manual_seed(5), 0.001, 0.001)
+    augmented = _Particles(family, PESConfig(pairs=3, reparam=1.0), torch.Generator().manual_seed(5), 0.001, 0.001)
+    assert all((s == 1).all() for s in plain.scales)
+    for s in augmented.scales:
+        assert torch.equal(s[:3], s[3:]) and s.log().abs().max() <= 1.0 and s.unique().numel() == 3
+    assert not torch.equal(augmented.scales[0], augmented.scales[2])
+    assert torch.allclose(augmented.start_loss, augmented.loss(augmented.x, augmented.y), rtol=1e-5)
+    # The stored parameters are the model's divided by the scale: the copies' gradients scale too.
+    xb, yb = augmented.x[:, :16], augmented.y[:, :16]
+    with torch.enable_grad():
+        loss = augmented.loss(xb, yb)
+        grads = torch.autograd.grad(loss.sum(), augmented.params)
+        model = [(p * s).detach().requires_grad_() for p, s in zip(augmented.params, augmented.scales)]
+        model_grads = torch.autograd.grad(family.loss(model, xb, yb).sum(), model)
+    for g, mg, s in zip(grads, model_grads, augmented.scales):
+        assert torch.allclose(g, mg * s, rtol=1e-5, atol=1e-7)
+
+
+def test_evaluate_uses_the_networks_exp_mult():
+    from lo_ops.meta.evaluate import evaluate_weights
+
+    reports = []
+    for exp_mult in (0.001, 1.0):
+        net = normalised_adam_network(exp_mult=exp_mult)
+        with torch.no_grad():
+            net.layers[2].bias[1] = -20.0  # exp(-20) with exp_mult 1: almost no step
+        reports.append(evaluate_weights(net, steps=5, seeds=2, datasets=False))
+    fam = "regression_narrow"
+    moved, frozen = (r["families"][fam]["learned"]["train_loss"]["mean"] for r in reports)
+    assert frozen > moved
+
+
+def test_pes_head_subset_trains_only_the_head():
+    from lo_ops.meta.pes import PES, SUBSETS, PESConfig
+    from lo_ops.meta.tasks import TeacherStudentMLP
+
+    theta0 = pack_meta(normalised_adam_network(exp_mult=1.0, schedule_units=True).packed_weights(), [0.0] * 7)
+    family = TeacherStudentMLP(in_dim=4, hidden=(8,), out_dim=2, examples=64, batch=16)
+    pes = PES(family, theta0, PESConfig(pairs=4, unroll=3, min_inner=4, max_inner=8, subset="head", warmup=1),
+              exp_mult=1.0)
+    for _ in range(3):
+        pes.step()
+    head = SUBSETS["head"]
+    changed = (pes.theta.detach() != theta0).nonzero().flatten()
+    assert len(changed) > 0 and changed.min() >= head.start
+    assert head.stop - head.start == 2 * 33 + 7

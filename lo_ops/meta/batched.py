@@ -62,6 +62,7 @@ class BatchedSmallFCLOpt:
             shapes = state_shapes(p.shape[1:])
             self.state.append({k: torch.zeros((n, *s), dtype=torch.float32, device=dev) for k, s in shapes.items()})
         self.steps = torch.zeros(n, len(self.params), dtype=torch.float32, device=dev)
+        self._views = self._state_lists()
 
     def reset(self, copies: Tensor | Sequence[int] | None = None) -> None:
         """Zeroes the state (accumulators, step count) of the given copies (all if None)."""
@@ -71,13 +72,14 @@ class BatchedSmallFCLOpt:
                 v[index] = 0
         self.steps[index] = 0
 
-    def _lists(self, grads: Sequence[Tensor]):
-        params, g, momentum, rms, fac_row, fac_col, fac_diag, steps = ([] for _ in range(8))
+    def _state_lists(self):
+        """The per-(copy, tensor) views the op takes, built once: the views stay valid because
+        parameters and state are only ever updated in place."""
+        params, momentum, rms, fac_row, fac_col, fac_diag, steps = ([] for _ in range(7))
         for c in range(self.copies):
             for i, p in enumerate(self.params):
                 st = self.state[i]
                 params.append(p.data[c])
-                g.append(grads[i][c])
                 momentum.append(st["momentum"][c])
                 rms.append(st["rms"][c])
                 steps.append(self.steps[c, i])
@@ -86,7 +88,7 @@ class BatchedSmallFCLOpt:
                     fac_col.append(st["fac_col"][c])
                 else:
                     fac_diag.append(st["fac_diag"][c])
-        return params, g, momentum, rms, fac_row, fac_col, fac_diag, steps
+        return params, momentum, rms, fac_row, fac_col, fac_diag, steps
 
     @torch.no_grad()
     def step(self, grads: Sequence[Tensor], theta: Tensor, lr: float | Tensor = 1.0) -> None:
@@ -104,5 +106,7 @@ class BatchedSmallFCLOpt:
         decays = decays.repeat_interleave(per_tensor, dim=0).contiguous()
         lr = torch.as_tensor(lr, dtype=torch.float32, device=device).reshape(())
         grads = [g.detach().to(p.dtype).contiguous() for g, p in zip(grads, self.params)]
-        torch.ops.lo_ops.small_fc_lopt_step_(*self._lists(grads), lr, weights, decays, 0.0,
-                                             self.step_mult, self.exp_mult)
+        params, momentum, rms, fac_row, fac_col, fac_diag, steps = self._views
+        g = [grads[i][c] for c in range(self.copies) for i in range(len(self.params))]
+        torch.ops.lo_ops.small_fc_lopt_step_(params, g, momentum, rms, fac_row, fac_col, fac_diag, steps,
+                                             lr, weights, decays, 0.0, self.step_mult, self.exp_mult)

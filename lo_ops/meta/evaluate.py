@@ -57,9 +57,9 @@ def _train(family, make_step, seeds: int, steps: int, seed: int) -> dict:
     return {k: v.tolist() for k, v in out.items()}
 
 
-def _learned(theta: torch.Tensor, step_mult: float):
+def _learned(theta: torch.Tensor, step_mult: float, exp_mult: float):
     def make(params):
-        opt = BatchedSmallFCLOpt(params, step_mult=step_mult)
+        opt = BatchedSmallFCLOpt(params, step_mult=step_mult, exp_mult=exp_mult)
         thetas = theta.expand(params[0].shape[0], -1).contiguous()
         return lambda grads: opt.step(grads, thetas)
     return make
@@ -93,7 +93,7 @@ def evaluate_weights(pretrained=None, *, steps: int = 500, seeds: int = 4, seed:
     families = dict(EVAL_FAMILIES) | (sklearn_families() if datasets else {})
     for i, (name, family) in enumerate(families.items()):
         s = seed + 100 * i  # the same tasks for every method
-        runs = {"learned": _train(family, _learned(theta, net.step_mult), seeds, steps, s)}
+        runs = {"learned": _train(family, _learned(theta, net.step_mult, net.exp_mult), seeds, steps, s)}
         for lr in ADAMW_GRID:
             runs[f"adamw_{lr:g}"] = _train(family, _adamw(lr), seeds, steps, s)
         tuned = min((k for k in runs if k.startswith("adamw_")),
@@ -111,6 +111,30 @@ def evaluate_weights(pretrained=None, *, steps: int = 500, seeds: int = 4, seed:
     return report
 
 
+def write_plot(report: dict, path: Path) -> bool:
+    """A bar chart of the final training losses; False (and nothing written) without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    names = list(report["families"])
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for j, (method, label) in enumerate((("learned", "learned"), ("adamw_tuned", "AdamW tuned"),
+                                         ("adamw_0.001", "AdamW 1e-3"))):
+        means = [report["families"][n][method]["train_loss"]["mean"] for n in names]
+        stds = [report["families"][n][method]["train_loss"]["std"] for n in names]
+        ax.bar([i + 0.27 * (j - 1) for i in range(len(names))], means, 0.27, yerr=stds, label=label)
+    ax.set_xticks(range(len(names)), names, rotation=20)
+    ax.set_yscale("log")
+    ax.set_ylabel("final training loss")
+    ax.set_title(f"{report.get('weights', 'learned')}: {report['steps']} steps, {report['seeds']} seeds")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def main(args) -> int:
     t0 = time.time()
     report = evaluate_weights(args.weights, steps=args.steps, seeds=args.seeds,
@@ -125,21 +149,7 @@ def main(args) -> int:
         print(f"{name:20s} {fam['learned']['train_loss']['mean']:10.4g} "
               f"{fam['adamw_tuned']['train_loss']['mean']:12.4g} {fam['adamw_0.001']['train_loss']['mean']:11.4g}")
     print(f"wrote {out}")
-    plt = pyplot() if args.plot else None
-    if plt is not None:
-        names = list(report["families"])
-        fig, ax = plt.subplots(figsize=(8, 4))
-        for j, (method, label) in enumerate((("learned", "learned"), ("adamw_tuned", "AdamW tuned"),
-                                             ("adamw_0.001", "AdamW 1e-3"))):
-            means = [report["families"][n][method]["train_loss"]["mean"] for n in names]
-            stds = [report["families"][n][method]["train_loss"]["std"] for n in names]
-            ax.bar([i + 0.27 * (j - 1) for i in range(len(names))], means, 0.27, yerr=stds, label=label)
-        ax.set_xticks(range(len(names)), names, rotation=20)
-        ax.set_yscale("log")
-        ax.set_ylabel("final training loss")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
+    if args.plot and write_plot(report, Path(args.plot)):
         print(f"wrote {args.plot}")
     return 0
 

@@ -1,16 +1,28 @@
 """Antithetic Persistent Evolution Strategies (PES) over small_fc_lopt's meta-parameters.
 
-Each of K antithetic pairs (per task family) trains two copies of a task (same initialisation, same batches)
-with meta-parameters ``theta + eps`` and ``theta - eps``; all 2K copies step in one fused call
-(``BatchedSmallFCLOpt``). An outer step unrolls U inner steps, scores each copy by its mean
-inner loss normalised by the loss at the start of its run, and estimates the meta-gradient as
+Each of K antithetic pairs (per task family) trains two copies of a task (same initialisation,
+same batches) with meta-parameters ``theta + eps`` and ``theta - eps``; all 2K copies step in
+one fused call (``BatchedSmallFCLOpt``). An outer step unrolls U inner steps, scores each copy
+by its mean inner loss normalised by the loss at the start of its run (``objective="log"``:
+the mean of its logarithm, so that a halving counts the same at every scale), and estimates
+the meta-gradient as
 
     g = sum_k (L+_k - L-_k) xi_k / (2 K sigma^2),
 
 where ``xi_k`` accumulates the pair's perturbations since its inner run started (this is what
-makes the truncated estimate unbiased). Inner runs have log-uniform lengths and random start
-offsets, and restart with a new task instance when they end. The outer optimizer is AdamW with
-linear warm-up, cosine decay and gradient-norm clipping.
+makes the truncated estimate unbiased). With ``balance``, each family's differences
+``L+_k - L-_k`` are divided by their root mean square over the family's pairs first, so every
+family weighs the same in the meta-gradient whatever the scale of its scores. With
+``weighting="late"`` the loss at step t of a run of length T counts 2t/T times (the objective
+leans towards the end of training, where a step-size schedule shows). ``subset``
+restricts the perturbations, hence the updates, to part of the meta-parameters.
+
+Inner runs have log-uniform lengths and random start offsets, and restart with a new task
+instance when they end. Weight reparameterisation (``reparam > 0``) trains every tensor of a
+copy as ``p = s * q`` with its own ``log s ~ U(-reparam, reparam)``: the optimizer steps ``q``
+and sees ``s * grad``, so the same step means a different change of the function, and the
+meta-parameters cannot rely on one parameter scale. The outer optimizer is AdamW with linear
+warm-up, cosine decay and gradient-norm clipping.
 """
 
 from __future__ import annotations
@@ -22,8 +34,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .._layout import HIDDEN_SIZE, OUTPUT_SIZE, PACKED_NUMEL
 from .batched import META_NUMEL, BatchedSmallFCLOpt
 from .tasks import TeacherStudentMLP
+
+# Meta-parameter subsets PES can train (indices into theta): everything, or the "head": the
+# output layer (W2, b2) and the 7 decay offsets, 73 numbers whose effect on the step is first
+# order (e.g. the weights from the schedule units to the magnitude output). Fewer perturbed
+# dimensions mean a far less noisy ES estimate for the same number of pairs.
+SUBSETS = {"all": slice(0, META_NUMEL),
+           "head": slice(PACKED_NUMEL - (HIDDEN_SIZE + 1) * OUTPUT_SIZE, META_NUMEL)}
 
 
 @dataclass
@@ -39,6 +59,26 @@ class PESConfig:
     warmup: int = 20
     clip: float = 1.0
     seed: int = 0
+    objective: str = "log"  # "log": mean log normalised loss; "loss": mean normalised loss
+    reparam: float = 0.0  # half-width of log s for the weight reparameterisation
+    balance: bool = True  # normalise each family's antithetic differences by their RMS
+    subset: str = "all"  # which meta-parameters are perturbed and trained: "all" or "head"
+    weighting: str = "uniform"  # inner step t of a run of length T counts 1 ("uniform") or 2t/T ("late")
+
+    def __post_init__(self):
+        if self.objective not in ("log", "loss"):
+            raise ValueError(f"objective must be 'log' or 'loss', got {self.objective!r}")
+        for name in ("pairs", "unroll", "min_inner", "max_inner", "outer_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.min_inner > self.max_inner:
+            raise ValueError(f"min_inner ({self.min_inner}) must be <= max_inner ({self.max_inner})")
+        if self.weighting not in ("uniform", "late"):
+            raise ValueError(f"weighting must be 'uniform' or 'late', got {self.weighting!r}")
+        if self.subset not in SUBSETS:
+            raise ValueError(f"subset must be one of {sorted(SUBSETS)}, got {self.subset!r}")
+        if not self.sigma > 0 or not self.reparam >= 0:
+            raise ValueError(f"sigma must be > 0 and reparam >= 0, got {self.sigma}, {self.reparam}")
 
 
 class _Particles:
@@ -52,6 +92,8 @@ class _Particles:
         self.gen = gen
         k = config.pairs
         self.params = family.init_params(2 * k, gen)
+        # Per copy and tensor: p = scale * q (all ones without reparameterisation).
+        self.scales = [torch.ones((2 * k,) + (1,) * (p.dim() - 1)) for p in self.params]
         self.inner = BatchedSmallFCLOpt(self.params, step_mult=step_mult, exp_mult=exp_mult)
         self.x, self.y = None, None
         self.xi = torch.zeros(k, META_NUMEL)
@@ -75,8 +117,11 @@ class _Particles:
             self.x = x.new_zeros((2 * k, *x.shape[1:]))
             self.y = y.new_zeros((2 * k, *y.shape[1:]))
         both = torch.cat([pairs, pairs + k])
-        for p, f in zip(self.params, fresh):
-            p.data[both] = torch.cat([f, f])
+        for p, s, f in zip(self.params, self.scales, fresh):
+            if self.config.reparam > 0:
+                log_s = (2 * torch.rand(n, generator=self.gen) - 1) * self.config.reparam
+                s[both] = torch.exp(torch.cat([log_s, log_s])).view(-1, *s.shape[1:])
+            p.data[both] = torch.cat([f, f]) / s[both]
         self.x[both] = torch.cat([x, x])
         self.y[both] = torch.cat([y, y])
         self.inner.reset(both)
@@ -84,8 +129,12 @@ class _Particles:
         self.length[pairs] = self._lengths(n)
         # Random start offsets desynchronise the pairs' restarts (the first runs are shorter).
         self.t[pairs] = (torch.rand(n, generator=self.gen) * self.length[pairs]).long() if offsets else 0
-        params = [p[both] for p in self.params]
+        params = [(p * s)[both] for p, s in zip(self.params, self.scales)]
         self.start_loss[both] = self.family.loss(params, self.x[both], self.y[both]).clamp_min(1e-8)
+
+    def loss(self, xb: Tensor, yb: Tensor) -> Tensor:
+        """Every copy's loss on its batch, through its reparameterisation."""
+        return self.family.loss([p * s for p, s in zip(self.params, self.scales)], xb, yb)
 
     def _batch(self) -> tuple[Tensor, Tensor]:
         k, b = self.config.pairs, self.family.batch
@@ -101,18 +150,26 @@ class _Particles:
         k = cfg.pairs
         thetas = torch.cat([theta + eps, theta - eps])
         total = torch.zeros(2 * k)
-        for _ in range(cfg.unroll):
+        for j in range(cfg.unroll):
             xb, yb = self._batch()
             with torch.enable_grad():
-                loss = self.family.loss(self.params, xb, yb)
+                loss = self.loss(xb, yb)
                 grads = torch.autograd.grad(loss.sum(), self.params)
             self.inner.step(grads, thetas, lr=cfg.inner_lr)
-            total += loss.detach() / self.start_loss
+            ratio = loss.detach() / self.start_loss
+            score = ratio.clamp_min(1e-30).log() if cfg.objective == "log" else ratio
+            if cfg.weighting == "late":
+                score = score * (2 * (self.t + j + 1) / self.length).repeat(2)
+            total += score
         scores = total / cfg.unroll
         self.xi += eps
         diff = scores[:k] - scores[k:]
         finite = torch.isfinite(diff)
         diff = torch.where(finite, diff, torch.zeros_like(diff))  # a diverged pair gives no signal
+        if cfg.balance:
+            # Each family's differences in units of their own RMS: families whose score moves
+            # a lot (classification losses falling by decades) do not drown the others.
+            diff = diff / diff.square().mean().sqrt().clamp_min(1e-12)
         contribution = (diff.unsqueeze(1) * self.xi).sum(0)
         self.t += cfg.unroll
         done = ((self.t >= self.length) | ~finite).nonzero().flatten()
@@ -123,6 +180,7 @@ class _Particles:
     def state_dict(self) -> dict:
         return {
             "params": [p.detach().clone() for p in self.params],
+            "scales": [s.clone() for s in self.scales],
             "inner_state": [{k: v.clone() for k, v in st.items()} for st in self.inner.state],
             "inner_steps": self.inner.steps.clone(),
             "x": self.x.clone(), "y": self.y.clone(), "xi": self.xi.clone(),
@@ -133,6 +191,8 @@ class _Particles:
     def load_state_dict(self, state: dict) -> None:
         for p, v in zip(self.params, state["params"]):
             p.data.copy_(v)
+        for s, v in zip(self.scales, state["scales"]):
+            s.copy_(v)
         for st, saved in zip(self.inner.state, state["inner_state"]):
             for k in st:
                 st[k].copy_(saved[k])
@@ -195,13 +255,15 @@ class PES:
         self.gen.set_state(state["rng"])
 
     def step(self) -> float:
-        """One outer step; returns the mean normalised inner loss of the unroll."""
+        """One outer step; returns the mean score (the meta-loss) of the unroll's copies."""
         cfg = self.config
         theta = self.theta.detach()
         grad = torch.zeros(META_NUMEL)
         scores = []
         for group in self.groups:
-            eps = cfg.sigma * torch.randn(cfg.pairs, META_NUMEL, generator=self.gen)
+            eps = torch.zeros(cfg.pairs, META_NUMEL)
+            part = eps[:, SUBSETS[cfg.subset]]
+            part.copy_(cfg.sigma * torch.randn(part.shape, generator=self.gen))
             contribution, s = group.unroll(theta, eps)
             grad += contribution
             scores.append(s)
@@ -219,8 +281,9 @@ class PES:
 def evaluate(family: TeacherStudentMLP, theta: Tensor, *, copies: int = 8, steps: int = 200,
              seed: int = 1234, step_mult: float = 0.001, exp_mult: float = 0.001,
              lr: float = 1.0) -> float:
-    """Mean over copies of the final full-data loss after ``steps`` steps with ``theta``,
-    normalised by the initial loss (same seed, same tasks for every theta)."""
+    """Geometric mean over copies of the final full-data loss after ``steps`` steps with
+    ``theta``, normalised by the initial loss (same seed, same tasks for every theta); a copy
+    that diverged counts as infinitely bad."""
     gen = torch.Generator().manual_seed(seed)
     params = family.init_params(copies, gen)
     x, y = family.make_data(copies, gen)
@@ -234,4 +297,6 @@ def evaluate(family: TeacherStudentMLP, theta: Tensor, *, copies: int = 8, steps
             loss = family.loss(params, x[rows, idx], y[rows, idx])
             grads = torch.autograd.grad(loss.sum(), params)
         inner.step(grads, thetas, lr=lr)
-    return float((family.loss(params, x, y) / start).mean())
+    ratio = (family.loss(params, x, y) / start).clamp_min(1e-30)
+    ratio = torch.where(torch.isfinite(ratio), ratio, torch.full_like(ratio, float("inf")))
+    return float(ratio.log().mean().exp())
