@@ -5,4 +5,4 @@ def test_demo_trains(capsys, tmp_path):
     assert main(["demo", "--steps", "60", "--plot", str(tmp_path / "curves.png")]) == 0
     out = capsys.readouterr().out
     assert "SmallFCLOpt" in out and "AdamW 1e-3" in out and "test acc" in out
-    assert "not meta-trained" in out
+    assert "meta-trained by lo_ops" in out and "outer PES steps" in out

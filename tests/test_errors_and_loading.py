@@ -171,24 +171,38 @@ def test_hub_repo_from_local_cache_offline(tmp_path, monkeypatch):
         load_small_fc_lopt_network("someone/not-cached", cache_dir=tmp_path / "cache")
 
 
-def test_default_weights_are_the_normalised_adam_construction():
-    from lo_ops.networks import normalised_adam_network
+def test_default_weights_carry_their_provenance():
+    """The embedded default is a meta-training result: it loads, and ships the command, seed,
+    wall time, outer steps, commit and evaluation table it was made with."""
+    import json
+
+    from lo_ops.networks import DEFAULT_WEIGHTS_DIR, normalised_adam_network
 
     shipped, layout = load_small_fc_lopt_network()
-    built = normalised_adam_network()
     assert layout == "lo_ops"
-    for (k, a), b in zip(shipped.state_dict().items(), built.state_dict().values()):
-        assert torch.equal(a, b), k
-    assert shipped.step_mult == built.step_mult and shipped.decay_offsets == built.decay_offsets
+    provenance = json.loads((DEFAULT_WEIGHTS_DIR / "provenance.json").read_text())
+    for key in ("command", "seed", "wall_time_s", "outer_step", "outer_steps", "lo_ops_commit", "evaluation"):
+        assert provenance[key] is not None, key
+    assert provenance["command"].startswith("python -m lo_ops meta-train")
+    assert not provenance["lo_ops_commit"].endswith("+dirty")
+    assert (shipped.step_mult, shipped.exp_mult) == (provenance["step_mult"], provenance["exp_mult"])
+    families = provenance["evaluation"]["families"]
+    assert {"regression_wide", "classification_10", "digits"} <= set(families)
+    card = (DEFAULT_WEIGHTS_DIR / "README.md").read_text()
+    assert provenance["command"] in card
+    start = normalised_adam_network(exp_mult=1.0, schedule_units=True)
+    assert not torch.equal(shipped.packed_weights(), start.packed_weights())  # trained, not the start
 
 
-def test_default_is_normalised_momentum_step():
-    # With the embedded default, one step is -lr * step_mult * x6 / rms(x6), x6 = m / sqrt(v + 1e-6).
+def test_normalised_adam_construction_is_normalised_momentum_step():
+    from lo_ops.networks import normalised_adam_network
+
+    # With the hand-built construction (meta-training's start), one step is -lr * step_mult * x6 / rms(x6), x6 = m / sqrt(v + 1e-6).
     w = torch.nn.Parameter(torch.randn(6, 4))
     g = torch.randn(6, 4)
     w.grad = g.clone()
     before = w.detach().clone()
-    lo_ops.SmallFCLOpt([w], lr=1.0).step()
+    lo_ops.SmallFCLOpt([w], lr=1.0, pretrained=normalised_adam_network()).step()
     m, v = 0.1 * g, 0.001 * g * g
     x6 = m / torch.sqrt(v + 1e-6)
     expected = before - 0.001 * x6 / torch.sqrt(1e-5 + x6.square().mean())

@@ -274,3 +274,38 @@ def test_pes_head_subset_trains_only_the_head():
     changed = (pes.theta.detach() != theta0).nonzero().flatten()
     assert len(changed) > 0 and changed.min() >= head.start
     assert head.stop - head.start == 2 * 33 + 7
+
+
+def test_ship_writes_weights_provenance_and_card(tmp_path):
+    """A meta-training result becomes a loadable default with its provenance, evaluation and card."""
+    import json
+
+    from lo_ops.__main__ import main
+    from lo_ops.meta.ship import ship
+
+    run = tmp_path / "run"
+    assert main(["meta-train", "--out", str(run), "--steps", "2", "--eval-every", "1", "--eval-steps", "5",
+                 "--pairs", "2", "--min-inner", "3", "--max-inner", "5", "--no-datasets"]) == 0
+    target, evaluation = tmp_path / "default", tmp_path / "results" / "evaluate.json"
+    provenance = ship(run / "best", target, evaluation, "a test machine", steps=5, seeds=2)
+    saved = json.loads((target / "provenance.json").read_text())
+    assert saved == json.loads(json.dumps(provenance))
+    assert saved["command"].startswith("python -m lo_ops meta-train") and "evaluation" in saved
+    assert json.loads(evaluation.read_text())["families"].keys() == saved["evaluation"]["families"].keys()
+    card = (target / "README.md").read_text()
+    assert saved["command"] in card and "| regression_wide |" in card
+    net, layout = lo_ops.load_small_fc_lopt_network(target)
+    source, _ = lo_ops.load_small_fc_lopt_network(run / "best")
+    assert layout == "lo_ops" and torch.equal(net.packed_weights(), source.packed_weights())
+    assert net.exp_mult == source.exp_mult == 1.0
+
+
+def test_ship_refuses_a_directory_without_provenance(tmp_path):
+    import pytest
+
+    from lo_ops.meta.ship import ship
+
+    normalised_adam_network().save_pretrained(tmp_path / "net")
+    with pytest.raises(FileNotFoundError, match="provenance"):
+        ship(tmp_path / "net", tmp_path / "out", tmp_path / "eval.json", "x")
+    assert not (tmp_path / "out").exists()
