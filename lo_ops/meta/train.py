@@ -36,6 +36,7 @@ TRAIN_FAMILIES = (
     TeacherStudentMLP(in_dim=6, hidden=(24, 24), out_dim=3, examples=512, batch=32),
     TeacherStudentMLP(in_dim=10, hidden=(32,), out_dim=4, classification=True, examples=512, batch=64),
     TeacherStudentMLP(in_dim=16, hidden=(48, 48), out_dim=8, classification=True, examples=512, batch=32),
+    TeacherStudentMLP(in_dim=6, hidden=(16, 16, 16), out_dim=3, examples=512, batch=32),
 )
 # scikit-learn's digits (bundled, no download) with a narrower MLP than the evaluation's;
 # wine and breast cancer stay held out as datasets never seen in meta-training.
