@@ -297,6 +297,12 @@ def evaluate(family: TeacherStudentMLP, theta: Tensor, *, copies: int = 8, steps
             loss = family.loss(params, x[rows, idx], y[rows, idx])
             grads = torch.autograd.grad(loss.sum(), params)
         inner.step(grads, thetas, lr=lr)
-    ratio = (family.loss(params, x, y) / start).clamp_min(1e-30)
-    ratio = torch.where(torch.isfinite(ratio), ratio, torch.full_like(ratio, float("inf")))
-    return float(ratio.log().mean().exp())
+    return geometric_mean(family.loss(params, x, y) / start)
+
+
+def geometric_mean(values: Tensor | list[float]) -> float:
+    """The geometric mean of positive losses; infinite if any is not finite (a diverged run)."""
+    t = torch.as_tensor(values, dtype=torch.float64)
+    if not torch.isfinite(t).all():
+        return float("inf")
+    return float(t.clamp_min(1e-30).log().mean().exp())

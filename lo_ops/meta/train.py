@@ -26,7 +26,7 @@ from ..networks import (
 )
 from .batched import pack_meta
 from .evaluate import ADAMW_GRID, _adamw, _learned, _train
-from .pes import PES, PESConfig
+from .pes import PES, PESConfig, geometric_mean
 from .tasks import DatasetMLP, TeacherStudentMLP
 
 # Training families (every outer step sees all of them) and held-out families (other widths,
@@ -57,7 +57,7 @@ def adamw_reference(steps: int, seeds: int = 8) -> list[float]:
     refs = []
     for i, family in enumerate(HELD_OUT):
         runs = [_train(family, _adamw(lr), seeds, steps, 1000 + i)["train_loss"] for lr in ADAMW_GRID]
-        refs.append(min(_geometric_mean(r) for r in runs))
+        refs.append(min(geometric_mean(r) for r in runs))
     return refs
 
 
@@ -70,15 +70,8 @@ def held_out_score(theta: torch.Tensor, steps: int, step_mult: float, exp_mult: 
     ratios = []
     for i, (family, ref) in enumerate(zip(HELD_OUT, reference)):
         losses = _train(family, _learned(theta, step_mult, exp_mult), seeds, steps, 1000 + i)["train_loss"]
-        ratios.append(max(_geometric_mean(losses) / ref, 0.8))
+        ratios.append(max(geometric_mean(losses) / ref, 0.8))
     return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
-
-
-def _geometric_mean(values: list[float]) -> float:
-    t = torch.tensor(values, dtype=torch.float64)
-    if not torch.isfinite(t).all():
-        return float("inf")
-    return float(t.clamp_min(1e-30).log().mean().exp())
 
 
 def start_network(init: str | None) -> SmallFCLOptNetwork:
