@@ -30,7 +30,8 @@ class SmallFCLOpt(LearnedOptimizer):
         pretrained: None (the embedded default), a local directory in lo_ops' or PyLO's
             layout, a Hugging Face repo id, or a meta-network module.
         step_mult: overrides the checkpoint's (PyLO weights: 0.01; lo_ops': from config).
-        exp_mult: overrides the checkpoint's (default 0.001).
+        exp_mult: overrides the checkpoint's (PyLO and Google weights: 0.001; the embedded
+            default's: 1.0, from its config).
         decay_offsets: ``{"momentum": [3], "rms": [1], "adafactor": [3]}`` learned offsets;
             overrides the checkpoint's (PyLO weights: PyLO's μLO values).
         capturable: kept for torch.optim compatibility; every path here reads ``lr`` and the
