@@ -30,6 +30,12 @@ def pack_meta(packed_weights: Tensor, offsets: Sequence[float] | Tensor) -> Tens
     return torch.cat([packed_weights.detach().float().reshape(-1), off])
 
 
+def network_meta(net) -> Tensor:
+    """The meta-parameter vector of a ``SmallFCLOptNetwork`` (its weights and decay offsets)."""
+    o = net.decay_offsets
+    return pack_meta(net.packed_weights(), o["momentum"] + o["rms"] + o["adafactor"])
+
+
 class BatchedSmallFCLOpt:
     """Optimizer state for N copies of a model whose parameters are stacked tensors.
 

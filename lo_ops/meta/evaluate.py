@@ -18,7 +18,7 @@ import torch
 
 from .._plotting import pyplot
 from ..networks import load_small_fc_lopt_network
-from .batched import BatchedSmallFCLOpt, pack_meta
+from .batched import BatchedSmallFCLOpt, network_meta
 from .tasks import TeacherStudentMLP, sklearn_families
 
 ADAMW_GRID = (1e-3, 3e-3, 1e-2, 3e-2)
@@ -87,8 +87,7 @@ def evaluate_weights(pretrained=None, *, steps: int = 500, seeds: int = 4, seed:
     """The report of ``lo_ops evaluate``; ``datasets`` adds scikit-learn's bundled datasets
     (when installed) to the synthetic families."""
     net, _ = load_small_fc_lopt_network(pretrained)
-    o = net.decay_offsets
-    theta = pack_meta(net.packed_weights(), o["momentum"] + o["rms"] + o["adafactor"])
+    theta = network_meta(net)
     report = {"steps": steps, "seeds": seeds, "families": {}}
     families = dict(EVAL_FAMILIES) | (sklearn_families() if datasets else {})
     for i, (name, family) in enumerate(families.items()):

@@ -24,7 +24,7 @@ from ..networks import (
     load_small_fc_lopt_network,
     normalised_adam_network,
 )
-from .batched import pack_meta
+from .batched import network_meta
 from .evaluate import ADAMW_GRID, _adamw, _learned, _train
 from .pes import PES, PESConfig, geometric_mean
 from .tasks import DatasetMLP, TeacherStudentMLP
@@ -143,8 +143,7 @@ def main(args) -> int:
                        reparam=args.reparam, balance=not args.no_balance, subset=args.subset, weighting=args.weighting)
     start_net = start_network(args.init)
     step_mult, exp_mult = start_net.step_mult, start_net.exp_mult
-    offsets = start_net.decay_offsets
-    theta0 = pack_meta(start_net.packed_weights(), offsets["momentum"] + offsets["rms"] + offsets["adafactor"])
+    theta0 = network_meta(start_net)
     families = training_families(not args.no_datasets)
     pes = PES(families, theta0, config, step_mult=step_mult, exp_mult=exp_mult)
     # What a resumed run must agree with (everything but the number of outer steps is fixed).
