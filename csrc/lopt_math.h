@@ -30,11 +30,22 @@ constexpr int kDecayRms = 3;
 constexpr int kDecayFactored = 4;
 constexpr int kDecays = 7;
 
+// x in every lane of a float or a GCC vector of floats. x - 0 is exactly x (also for -0.0
+// and NaN), so compilers fold the subtraction away. The CPU's vector types specialise Splat
+// with one broadcast instruction (cpu/lane_vector.h): GCC may otherwise build the vector
+// with one masked insert per lane.
+template <typename T>
+struct Splat {
+  static LO_HD T of(float x) { return x - T{}; }
+};
+
 template <typename T>
 LO_HD T splat(float x) {
-  return T{} + x;
+  return Splat<T>::of(x);
 }
 
+// max(x, 0) with NaN passing through; the CPU's vector types specialise it to one max
+// instruction with the same result bits (cpu/lane_vector.h).
 template <typename T>
 LO_HD T relu(T x) {
   return x < T{} ? T{} : x;

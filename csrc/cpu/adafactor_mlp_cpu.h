@@ -51,14 +51,14 @@ struct TensorWork {
   float* v = nullptr;
   float* row = nullptr;   // r (factored) or u (unfactored)
   float* col = nullptr;   // c (factored)
-  // Scratch of a factored tensor: [3, |r|] and [3, |c|] planes, then [P::kHidden, |r|] and
-  // [P::kHidden, |c|] first-layer contributions of the row and column channels.
+  // Scratch of a factored tensor: [3, |r|] and [3, |c|] planes, then the first-layer
+  // contributions of the row and column channels in blocks (see contrib_offset).
   float* row_rsqrt = nullptr;  // rsqrt(r + 1e-8)
   float* row_fac = nullptr;    // row_factor
   float* col_rsqrt = nullptr;  // rsqrt(c + 1e-8)
   float* col_fac = nullptr;    // col_factor
-  float* row_contrib = nullptr;
-  float* col_contrib = nullptr;
+  float* row_contrib = nullptr;  // b0t + the row channels' first-layer input, blocked
+  float* col_contrib = nullptr;  // the column channels' first-layer input, blocked
   const float* weights = nullptr;  // this tensor's MLP, in P's packed layout
   const float* decays = nullptr;   // this tensor's decays as P::decay reads them (or null)
   float t = 0.f;         // steps already taken (small_fc_lopt's time features)
@@ -71,9 +71,22 @@ struct TensorWork {
   std::array<float, P::kHidden * P::kFeatures> w0s{};
   std::array<float, P::kHidden> b0t{};  // first bias plus P's constant inputs
 
+  // The first-layer contribution of hidden unit j at row (or column) index i: blocks of
+  // kContribBlock consecutive indices, each holding all P::kHidden units one after the other,
+  // so that a tile of consecutive indices reads one contiguous 2 KB block for all its units
+  // (not one cache line from each of P::kHidden distant rows).
+  static constexpr int kContribBlock = kMaxLanes;
+  static LO_HD int64_t contrib_offset(int64_t i, int j) {
+    return (i / kContribBlock) * (P::kHidden * kContribBlock) + j * kContribBlock +
+           i % kContribBlock;
+  }
+  static int64_t contrib_numel(int64_t size) {
+    return P::kHidden * ((size + kContribBlock - 1) / kContribBlock) * kContribBlock;
+  }
   static int64_t scratch_numel(const TensorInfo& info) {
     if (!info.factored) return 0;
-    return (2 * kFactoredChannels + P::kHidden) * (info.geo.row_numel() + info.geo.col_numel());
+    const int64_t rs = info.geo.row_numel(), cs = info.geo.col_numel();
+    return 2 * kFactoredChannels * (rs + cs) + contrib_numel(rs) + contrib_numel(cs);
   }
   void set_scratch(float* sp) {
     const int64_t rs = info.geo.row_numel(), cs = info.geo.col_numel();
@@ -82,7 +95,7 @@ struct TensorWork {
     col_rsqrt = row_fac + kFactoredChannels * rs;
     col_fac = col_rsqrt + kFactoredChannels * cs;
     row_contrib = col_fac + kFactoredChannels * cs;
-    col_contrib = row_contrib + P::kHidden * rs;
+    col_contrib = row_contrib + contrib_numel(rs);
   }
 };
 
@@ -302,34 +315,57 @@ LO_HD void load_planes(const TileIndex& t, bool by_row, const float* base, int64
   }
 }
 
-// The first-layer bias of a factored tensor's tile: b0t + row contribution + column
-// contribution (in that order on every path). Within a run, one side is consecutive and the
-// other constant (or both consecutive), which a full tile reads with vector loads.
-template <class P, typename V>
+// The first-layer bias of a factored tensor's tile h, into b0[j].t[h]: (b0t + row
+// contribution) + column contribution, where row_contrib already holds the sum in brackets
+// (fold_first_layer). Within a run, one side is consecutive and the other constant (or both
+// consecutive): a full tile whose consecutive indices lie in one contribution block reads
+// them with vector loads, the constant side with broadcasts.
+template <class P, typename V, int N>
 LO_HD void first_layer_bias(const TensorWork<P>& w, const TileIndex& ti, int count,
-                            V (&b0)[P::kHidden]) {
-  const int64_t rsize = w.info.geo.row_numel(), csize = w.info.geo.col_numel();
-  if (ti.run && count == kLanesOf<V>) {
-    const float* rc = w.row_contrib + ti.row[0];
-    const float* cc = w.col_contrib + ti.col[0];
+                            LaneGroup<V, N> (&b0)[P::kHidden], int h) {
+  using W = TensorWork<P>;
+  constexpr int L = kLanesOf<V>;
+  const auto in_block = [](int64_t i) { return i % W::kContribBlock + L <= W::kContribBlock; };
+  if (ti.run && count == L && (!ti.row_consecutive || in_block(ti.row[0])) &&
+      (!ti.col_consecutive || in_block(ti.col[0]))) {
+    const float* rc = w.row_contrib + W::contrib_offset(ti.row[0], 0);
+    const float* cc = w.col_contrib + W::contrib_offset(ti.col[0], 0);
+    constexpr int kStride = W::kContribBlock;  // from unit j to unit j + 1
     V r, c;
-    for (int j = 0; j < P::kHidden; ++j) {
-      if (ti.row_consecutive)
-        std::memcpy(&r, rc + j * rsize, sizeof(r));
-      else
-        r = splat<V>(rc[j * rsize]);
-      if (ti.col_consecutive)
-        std::memcpy(&c, cc + j * csize, sizeof(c));
-      else
-        c = splat<V>(cc[j * csize]);
-      b0[j] = (splat<V>(w.b0t[j]) + r) + c;
+    if (ti.row_consecutive && ti.col_consecutive) {
+      for (int j = 0; j < P::kHidden; ++j) {
+        std::memcpy(&r, rc + j * kStride, sizeof(r));
+        std::memcpy(&c, cc + j * kStride, sizeof(c));
+        b0[j].t[h] = r + c;
+      }
+    } else if (ti.row_consecutive) {
+      for (int j = 0; j < P::kHidden; ++j) {
+        std::memcpy(&r, rc + j * kStride, sizeof(r));
+        b0[j].t[h] = r + cc[j * kStride];  // the scalar is broadcast
+      }
+    } else {
+      for (int j = 0; j < P::kHidden; ++j) {
+        std::memcpy(&c, cc + j * kStride, sizeof(c));
+        b0[j].t[h] = rc[j * kStride] + c;
+      }
     }
     return;
   }
-  V row_c[P::kHidden], col_c[P::kHidden];
-  load_planes(ti, true, w.row_contrib, rsize, P::kHidden, count, row_c);
-  load_planes(ti, false, w.col_contrib, csize, P::kHidden, count, col_c);
-  for (int j = 0; j < P::kHidden; ++j) b0[j] = (splat<V>(w.b0t[j]) + row_c[j]) + col_c[j];
+  TileIndex lanes = ti;  // per-lane indices
+  if (ti.run) {
+    for (int l = 0; l < count; ++l) {
+      lanes.row[l] = ti.row[0] + (ti.row_consecutive ? l : 0);
+      lanes.col[l] = ti.col[0] + (ti.col_consecutive ? l : 0);
+    }
+  }
+  for (int j = 0; j < P::kHidden; ++j) {
+    V r{}, c{};
+    for (int l = 0; l < count; ++l) {
+      r[l] = w.row_contrib[W::contrib_offset(lanes.row[l], j)];
+      c[l] = w.col_contrib[W::contrib_offset(lanes.col[l], j)];
+    }
+    b0[j].t[h] = r + c;
+  }
 }
 
 // The inputs of the `count` consecutive elements starting at `e0`, one vector lane per
@@ -475,11 +511,7 @@ LO_HD void update_chunk(TensorWork<P>& w, int64_t e0, int64_t e1, float lr, floa
       tile_features<P, factored>(in, xh);
       for (int c = 0; c < kF; ++c) x[c].t[h] = xh[c];
       p_old[h] = in.p;
-      if constexpr (factored) {
-        V bh[H];
-        first_layer_bias(w, ti, count[h], bh);
-        for (int j = 0; j < H; ++j) b0[j].t[h] = bh[j];
-      }
+      if constexpr (factored) first_layer_bias(w, ti, count[h], b0, h);
     }
     if constexpr (factored) {
       mlp_forward<kF, H>(x, w.w0s.data(), b0, weights + P::kW1, weights + P::kB1,
@@ -600,10 +632,12 @@ inline void accumulator_sums(const float* values, const float* rsqrts, int64_t s
   }
 }
 
-// out[i] = the first-layer input of one hidden unit from one side's channels at index i;
-// `ws` holds that unit's scaled weights of the side's channels (values 0..2, rsqrt 6..8).
-inline void accumulator_contribution(const float* ws, const float* values, const float* rsqrts,
-                                     int64_t size, float* out) {
+// out[offset(i)] = base + the first-layer input of hidden unit j from one side's channels at
+// index i (base: b0t[j] for the rows, none for the columns); `ws` holds that unit's scaled
+// weights of the side's channels (values 0..2, rsqrt 6..8).
+template <class P>
+void accumulator_contribution(const float* ws, const float* values, const float* rsqrts,
+                              int64_t size, int j, const float* base, float* out) {
   constexpr int kRsqrtOffset = 2 * kFactoredChannels;
   for (int64_t i = 0; i < size; ++i) {
     float acc = 0.f;
@@ -611,7 +645,7 @@ inline void accumulator_contribution(const float* ws, const float* values, const
       acc += ws[k] * values[k * size + i];
       acc += ws[kRsqrtOffset + k] * rsqrts[k * size + i];
     }
-    out[i] = acc;
+    out[TensorWork<P>::contrib_offset(i, j)] = base != nullptr ? *base + acc : acc;
   }
 }
 
@@ -647,10 +681,12 @@ void fold_first_layer(TensorWork<P>& w, const double* element_sums, float step_m
     }
     for (int i = 0; i < P::kElementFeatures; ++i)
       w.w0s[j * P::kElementFeatures + i] = ws[P::element_channel(i)];
-    accumulator_contribution(ws + P::kFirstRowChannel, w.row, w.row_rsqrt, rsize,
-                             w.row_contrib + j * rsize);
-    accumulator_contribution(ws + P::kFirstColChannel, w.col, w.col_rsqrt, csize,
-                             w.col_contrib + j * csize);
+    // A tile's bias is (b0t + row contribution) + column contribution: the bracket is taken
+    // here, once per row instead of once per element.
+    accumulator_contribution<P>(ws + P::kFirstRowChannel, w.row, w.row_rsqrt, rsize, j,
+                                &w.b0t[j], w.row_contrib);
+    accumulator_contribution<P>(ws + P::kFirstColChannel, w.col, w.col_rsqrt, csize, j,
+                                nullptr, w.col_contrib);
   }
 }
 

@@ -21,15 +21,19 @@ template <typename V>
 constexpr int kLanesOf = static_cast<int>(sizeof(V) / sizeof(float));
 constexpr int kMaxLanes = 16;
 
-// exp on whole lanes: exp(x) = 2^n exp(r), n = round(x / ln 2), |r| <= ln(2) / 2, with the
-// degree-7 Taylor polynomial of exp(r) (truncation error < 2^-27, below float rounding).
-// Lanes outside |x| < 87 (overflow, subnormal results, NaN) take expf.
+// exp on whole lanes, with no per-lane branch: exp(x) = 2^n exp(r), n = round(x / ln 2),
+// |r| <= ln(2) / 2, with the degree-7 Taylor polynomial of exp(r) (truncation error < 2^-27,
+// below float rounding). x is first clipped to [-104, 89], beyond which expf is 0 or inf
+// (NaN passes through and stays NaN); 2^n is applied as two normal powers of two,
+// 2^(n >> 1) * 2^(n - (n >> 1)), so that results that overflow to inf or are subnormal come
+// out right (the first product is exact, the second rounds once).
 template <typename V>
 LO_HD V exp_lanes_impl(V x) {
   typedef int32_t VI __attribute__((vector_size(sizeof(V))));
+  const V xc = clip(x, -104.0f, 89.0f);
   const V shifter = splat<V>(12582912.0f);  // 1.5 * 2^23: rounds to integer
-  const V n = (x * 1.44269504088896341f + shifter) - shifter;
-  const V r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;  // ln 2 = hi + lo
+  const V n = (xc * 1.44269504088896341f + shifter) - shifter;
+  const V r = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-06f;  // ln 2 = hi + lo
   V poly = splat<V>(1.0f / 5040.0f);
   poly = poly * r + 1.0f / 720.0f;
   poly = poly * r + 1.0f / 120.0f;
@@ -38,11 +42,10 @@ LO_HD V exp_lanes_impl(V x) {
   poly = poly * r + 0.5f;
   poly = poly * r + 1.0f;
   poly = poly * r + 1.0f;
-  const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
-  V out = poly * (V)bits;
-  for (int l = 0; l < kLanesOf<V>; ++l)
-    if (!(std::fabs(x[l]) < 87.0f)) out[l] = expf(x[l]);
-  return out;
+  const VI ni = __builtin_convertvector(n, VI);  // in [-150, 128] (garbage for NaN lanes,
+  const VI n1 = ni >> 1;                         // whose poly is NaN)
+  const VI n2 = ni - n1;
+  return (poly * (V)((n1 + 127) << 23)) * (V)((n2 + 127) << 23);
 }
 
 template <>
@@ -58,11 +61,75 @@ LO_HD Vec16 exp_lanes<Vec16>(Vec16 x) {
   return exp_lanes_impl(x);
 }
 
+// relu as one max instruction. MAXPS(a, b) is a > b ? a : b, so MAXPS(0, x) returns x when x
+// is NaN or -0.0: bit for bit the generic x < 0 ? 0 : x, which GCC compiles to a compare and a
+// blend. Inline assembly rather than intrinsics, because the intrinsics would need the
+// instruction set on every always-inline caller in between, not only on the ISA clone that
+// finally inlines them. AT&T order: "vmaxps src2, src1, dst" is dst = MAXPS(src1, src2).
+#if defined(__x86_64__) && defined(__GNUC__)
+template <>
+LO_HD Vec4 relu<Vec4>(Vec4 x) {
+  Vec4 out{};
+  asm("maxps %1, %0" : "+x"(out) : "x"(x));  // out = MAXPS(out = 0, x)
+  return out;
+}
+template <>
+LO_HD Vec8 relu<Vec8>(Vec8 x) {
+  Vec8 out;
+  asm("vmaxps %1, %2, %0" : "=x"(out) : "x"(x), "x"(Vec8{}));
+  return out;
+}
+template <>
+LO_HD Vec16 relu<Vec16>(Vec16 x) {
+  Vec16 out;
+  asm("vmaxps %1, %2, %0" : "=v"(out) : "v"(x), "v"(Vec16{}));
+  return out;
+}
+#endif
+
+// splat as one broadcast instruction (from a register or straight from memory), for the same
+// reason: GCC 12 compiles a broadcast of a loaded scalar, whatever its spelling, into one
+// masked insert per lane in some loops.
+#if defined(__x86_64__) && defined(__GNUC__)
+template <>
+struct Splat<Vec4> {
+  static LO_HD Vec4 of(float x) {
+    Vec4 out;
+    asm("shufps $0, %0, %0" : "=x"(out) : "0"(x));
+    return out;
+  }
+};
+template <>
+struct Splat<Vec8> {
+  static LO_HD Vec8 of(float x) {
+    Vec8 out;
+    asm("vbroadcastss %1, %0" : "=x"(out) : "xm"(x));
+    return out;
+  }
+};
+template <>
+struct Splat<Vec16> {
+  static LO_HD Vec16 of(float x) {
+    Vec16 out;
+    asm("vbroadcastss %1, %0" : "=v"(out) : "vm"(x));
+    return out;
+  }
+};
+#endif
+
 // N tiles side by side: the MLP runs on groups so that every weight it broadcasts feeds N
 // vector FMAs (one broadcast load per N FMAs instead of one per FMA).
 template <typename V, int N>
 struct LaneGroup {
   V t[N];
+};
+template <typename V, int N>
+struct Splat<LaneGroup<V, N>> {
+  static LO_HD LaneGroup<V, N> of(float x) {
+    LaneGroup<V, N> out;
+    for (int i = 0; i < N; ++i) out.t[i] = splat<V>(x);
+    return out;
+  }
 };
 template <typename V, int N>
 LO_HD LaneGroup<V, N> operator+(const LaneGroup<V, N>& x, float s) {
@@ -96,7 +163,12 @@ LO_HD LaneGroup<V, N> relu(const LaneGroup<V, N>& x) {
 
 // Output units per block x tiles per group <= 24 vector accumulators.
 template <typename V, int N>
-constexpr int kDenseBlock<LaneGroup<V, N>> = N >= 3 ? 8 : 4;
+constexpr int kDenseBlock<LaneGroup<V, N>> =
+#ifdef LO_DENSE_BLOCK
+    LO_DENSE_BLOCK;
+#else
+    N >= 3 ? 8 : 4;
+#endif
 
 // Per instruction set: the vector type and how many tiles the MLP takes at once (AVX-512 has
 // 32 vector registers, AVX2 and SSE 16).
