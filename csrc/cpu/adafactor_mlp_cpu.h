@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -634,18 +635,24 @@ inline void accumulator_sums(const float* values, const float* rsqrts, int64_t s
 
 // out[offset(i)] = base + the first-layer input of hidden unit j from one side's channels at
 // index i (base: b0t[j] for the rows, none for the columns); `ws` holds that unit's scaled
-// weights of the side's channels (values 0..2, rsqrt 6..8).
+// weights of the side's channels (values 0..2, rsqrt 6..8). One contribution block at a time,
+// whose kContribBlock consecutive outputs the compiler vectorises.
 template <class P>
 void accumulator_contribution(const float* ws, const float* values, const float* rsqrts,
                               int64_t size, int j, const float* base, float* out) {
   constexpr int kRsqrtOffset = 2 * kFactoredChannels;
-  for (int64_t i = 0; i < size; ++i) {
-    float acc = 0.f;
-    for (int k = 0; k < kFactoredChannels; ++k) {
-      acc += ws[k] * values[k * size + i];
-      acc += ws[kRsqrtOffset + k] * rsqrts[k * size + i];
+  constexpr int kBlock = TensorWork<P>::kContribBlock;
+  for (int64_t i0 = 0; i0 < size; i0 += kBlock) {
+    const int64_t width = std::min<int64_t>(kBlock, size - i0);
+    float* dst = out + TensorWork<P>::contrib_offset(i0, j);
+    for (int64_t l = 0; l < width; ++l) {
+      float acc = 0.f;
+      for (int k = 0; k < kFactoredChannels; ++k) {
+        acc += ws[k] * values[k * size + i0 + l];
+        acc += ws[kRsqrtOffset + k] * rsqrts[k * size + i0 + l];
+      }
+      dst[l] = base != nullptr ? *base + acc : acc;
     }
-    out[TensorWork<P>::contrib_offset(i, j)] = base != nullptr ? *base + acc : acc;
   }
 }
 
@@ -690,17 +697,28 @@ void fold_first_layer(TensorWork<P>& w, const double* element_sums, float step_m
   }
 }
 
-// Runs fn(i) for every work item i, giving each thread a contiguous run of items of about
-// equal total cost (cost[i] >= 0), so that a list of large tensors followed by many small
-// ones still splits evenly. Each item runs exactly once, whichever thread takes it.
+// Runs fn(i) for every work item i. Each thread takes the next unclaimed item (in list order)
+// whenever it finishes one, so a thread slowed down by another process on its core simply runs
+// fewer items, and a list of large tensors followed by many small ones still ends evenly. Each
+// item runs exactly once; items write only their own outputs, so results do not depend on
+// which thread ran which item. A bucket whose total cost (about one unit per element) is
+// below kSerialCost runs on the calling thread: waking the others would cost more.
+constexpr int64_t kSerialCost = 32768;
+
 template <typename Cost, typename F>
 void parallel_items(int64_t n, Cost cost, F fn) {
-  std::vector<int64_t> start(n + 1, 0);
-  for (int64_t i = 0; i < n; ++i) start[i + 1] = start[i] + cost(i) + 1;
-  at::parallel_for(0, start[n], 1, [&](int64_t b, int64_t e) {
-    // the items whose start lies in [b, e)
-    int64_t i = std::lower_bound(start.begin(), start.end() - 1, b) - start.begin();
-    for (; i < n && start[i] < e; ++i) fn(i);
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; ++i) total += cost(i) + 1;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  if (threads <= 1 || total < kSerialCost || at::in_parallel_region()) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
+         i = next.fetch_add(1, std::memory_order_relaxed))
+      fn(i);
   });
 }
 

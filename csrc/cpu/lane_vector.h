@@ -163,12 +163,7 @@ LO_HD LaneGroup<V, N> relu(const LaneGroup<V, N>& x) {
 
 // Output units per block x tiles per group <= 24 vector accumulators.
 template <typename V, int N>
-constexpr int kDenseBlock<LaneGroup<V, N>> =
-#ifdef LO_DENSE_BLOCK
-    LO_DENSE_BLOCK;
-#else
-    N >= 3 ? 8 : 4;
-#endif
+constexpr int kDenseBlock<LaneGroup<V, N>> = N >= 3 ? 8 : 4;
 
 // Per instruction set: the vector type and how many tiles the MLP takes at once (AVX-512 has
 // 32 vector registers, AVX2 and SSE 16).
