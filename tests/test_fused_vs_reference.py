@@ -120,48 +120,46 @@ def test_dense_network_with_wide_exp_arguments():
         assert (step_a - step_b).norm() / step_b.norm() < 1e-5
 
 
-@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
-def test_exp_at_the_edges_of_float_range(isa, monkeypatch):
-    # A network whose outputs are its output bias: every element's step is
-    # b2[0] * exp(b2[1] * exp_mult) * step_mult. exp's argument is swept across the ranges
-    # where the result is subnormal, zero, near the largest float, inf, and NaN (direction -1,
-    # so p + exp(b2[1])); the fused
-    # step must give what torch.exp gives there (to rounding; exactly for 0, inf and NaN).
+def _exp_probe_network(arg):
+    """A network whose outputs are its output bias (-1, arg): every element's step is
+    -exp(arg * exp_mult) * step_mult = -exp(arg), so p moves to p + exp(arg)."""
     from lo_ops.networks import SmallFCLOptNetwork
 
+    net = SmallFCLOptNetwork(exp_mult=1.0, step_mult=1.0)
+    with torch.no_grad():
+        for layer in net.layers:
+            layer.weight.zero_()
+            layer.bias.zero_()
+        net.layers[-1].bias.copy_(torch.tensor([-1.0, arg]))
+    return net
+
+
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
+def test_exp_at_the_edges_of_float_range(isa, monkeypatch):
+    # exp's argument swept across the ranges where the result is subnormal, zero, near the
+    # largest float, inf, and NaN: the fused step must give what torch.exp gives there (to
+    # rounding; exactly for 0, inf and NaN).
     monkeypatch.setenv("LO_OPS_CPU_ISA", isa)
     args = [-200.0, -104.5, -103.0, -100.0, -95.0, -88.0, -87.5, -86.0, -1.5, 0.0, 2.25, 86.0,
             87.5, 88.0, 88.72, 88.73, 95.0, 500.0, float("inf"), float("-inf"), float("nan")]
+    shapes = [(37,), (6, 40)]
+    start = make_params(shapes, non_contiguous=False)
     for arg in args:
-        net = SmallFCLOptNetwork(exp_mult=1.0, step_mult=1.0)
-        with torch.no_grad():
-            for layer in net.layers:
-                layer.weight.zero_()
-                layer.bias.zero_()
-            net.layers[-1].bias.copy_(torch.tensor([-1.0, arg]))
-        shapes = [(37,), (6, 40)]
+        net = _exp_probe_network(arg)
         fused_params, ref_params, _, _ = _run_both(shapes, torch.float32, steps=1, pretrained=net)
-        start = make_params(shapes, non_contiguous=False)
         expected = torch.exp(torch.tensor(arg, dtype=torch.float32))
         for p0, a, b in zip(start, fused_params, ref_params):
-            step_a, step_b = a - p0, b - p0  # direction -1: p + exp(arg)
             if not torch.isfinite(expected) or expected == 0:  # p + inf, p + NaN, p + 0
                 torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=f"exp({arg})")
             elif expected > 1e30:  # p is lost in p + exp(arg)
                 torch.testing.assert_close(a, b, rtol=2e-7, atol=0, msg=f"exp({arg})")
             else:
-                torch.testing.assert_close(step_a, step_b, rtol=1e-5, atol=1e-7, msg=f"exp({arg})")
-    # the subnormal and near-overflow values themselves, without p in the way
+                torch.testing.assert_close(a - p0, b - p0, rtol=1e-5, atol=1e-7, msg=f"exp({arg})")
+    # the subnormal and near-overflow values themselves, with p = 0
     for arg in [-100.0, -95.0, -88.0, 88.72]:
-        net = SmallFCLOptNetwork(exp_mult=1.0, step_mult=1.0)
-        with torch.no_grad():
-            for layer in net.layers:
-                layer.weight.zero_()
-                layer.bias.zero_()
-            net.layers[-1].bias.copy_(torch.tensor([-1.0, arg]))
         params = [torch.nn.Parameter(torch.zeros(40))]
         params[0].grad = torch.ones(40)
-        make_opt(params, pretrained=net, fused=True).step()
+        make_opt(params, pretrained=_exp_probe_network(arg), fused=True).step()
         expected = torch.exp(torch.tensor(arg, dtype=torch.float32))
         torch.testing.assert_close(params[0].detach(), expected.expand(40), rtol=2e-7, atol=0,
                                    msg=f"exp({arg})")
