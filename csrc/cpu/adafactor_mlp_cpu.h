@@ -3,8 +3,8 @@
 // parameters. The optimizer-specific parts (feature layout, MLP sizes, first-layer bias, step
 // scale) come from a policy type P (small_fc_lopt::Policy, velo::Policy).
 //
-// Three passes, each one parallel over a work list that spans all tensors, split between
-// threads by cost (300 small tensors cost a few parallel regions, not 900):
+// Three passes, each one parallel over a work list that spans all tensors, whose items threads
+// take as they free up (300 small tensors cost a few parallel regions, not 900):
 //   1. factored tensors: row/column means of g^2 update r and c, then the per-row mean of r
 //      gives the row factors (small arrays, kept in a scratch buffer);
 //   2. every element: momentum, rms and diagonal accumulators are updated in place and the
