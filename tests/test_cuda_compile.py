@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch.utils.cpp_extension as cpp_extension
 
+from cxx_standard import nvcc_std_flag
+
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
 
@@ -16,7 +18,7 @@ CUDA_SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
 @pytest.mark.parametrize("source", CUDA_SOURCES, ids=[p.name for p in CUDA_SOURCES])
 def test_cuda_source_compiles_for_sm80_and_sm90(tmp_path, source):
     includes = [f"-I{ROOT / 'csrc'}"] + [f"-I{d}" for d in cpp_extension.include_paths()]
-    cmd = ["nvcc", "-std=c++17", "-O3", "-Xcompiler", "-Wno-c++20-extensions",
+    cmd = ["nvcc", nvcc_std_flag(), "-O3", "-Xcompiler", "-Wno-c++20-extensions",
            "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
            *includes, "-c", str(source), "-o", str(tmp_path / "out.o")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)

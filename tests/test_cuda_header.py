@@ -6,12 +6,14 @@ from pathlib import Path
 
 import pytest
 
+from cxx_standard import nvcc_std_flag
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_shared_math_compiles_for_cuda(tmp_path):
-    cmd = ["nvcc", "-std=c++17", "-O2", f"-I{ROOT / 'csrc'}", "-c",
+    cmd = ["nvcc", nvcc_std_flag(), "-O2", f"-I{ROOT / 'csrc'}", "-c",
            str(ROOT / "tests" / "cuda" / "header_check.cu"), "-o", str(tmp_path / "check.o")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
