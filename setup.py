@@ -17,6 +17,25 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+def _check_cuda_home() -> None:
+    """CUDA_HOME must be the toolkit root: torch takes the parent of the directory holding the
+    first `nvcc` on PATH, which is wrong when that nvcc is a wrapper script (/usr/local/bin/nvcc
+    gives /usr/local), and the link then fails with `cannot find -lcudart`."""
+    missing = []
+    if not os.path.isfile(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):
+        missing.append("include/cuda_runtime.h")
+    lib_dirs = [os.path.join(CUDA_HOME, d) for d in ("lib64", "lib")]
+    lib_dirs += glob.glob(os.path.join(CUDA_HOME, "targets", "*", "lib"))
+    if not any(glob.glob(os.path.join(d, "libcudart*")) for d in lib_dirs):
+        missing.append("libcudart (in lib64/, lib/ or targets/*/lib/)")
+    if missing:
+        raise RuntimeError(
+            f"CUDA_HOME={CUDA_HOME} is not a CUDA toolkit root: it has no "
+            f"{' and no '.join(missing)}. "
+            "Set CUDA_HOME to the toolkit root, the directory holding include/cuda_runtime.h and "
+            "lib64/libcudart.so (e.g. CUDA_HOME=/usr/local/cuda-13.0)."
+        )
+
 
 def _cuda_requested() -> bool:
     flag = os.environ.get("LO_OPS_BUILD_CUDA", "0").lower()
@@ -29,10 +48,12 @@ def _cuda_requested() -> bool:
                 "LO_OPS_BUILD_CUDA=1 but the installed torch has no CUDA "
                 f"(torch.version.cuda={torch.version.cuda}) or nvcc was not found (CUDA_HOME={CUDA_HOME})"
             )
-        return True
-    if flag == "auto":
-        return available
-    raise RuntimeError(f"LO_OPS_BUILD_CUDA must be 0, 1 or auto, got {flag!r}")
+    elif flag != "auto":
+        raise RuntimeError(f"LO_OPS_BUILD_CUDA must be 0, 1 or auto, got {flag!r}")
+    elif not available:
+        return False
+    _check_cuda_home()
+    return True
 
 
 def _extension():
