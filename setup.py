@@ -13,9 +13,16 @@ import os
 from setuptools import setup
 
 import torch
+from torch.utils import cpp_extension
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+# torch's BuildExtension defines Py_LIMITED_API (as its min_supported_cpython) for every
+# py_limited_api extension, so it is not defined here again; the abi3 wheel names that version.
+_LIMITED_API = int(getattr(cpp_extension, "min_supported_cpython", "0x030A0000"), 16)
+ABI3_TAG = f"cp{_LIMITED_API >> 24}{(_LIMITED_API >> 16) & 0xFF}"
+
 
 def _check_cuda_home() -> None:
     """CUDA_HOME must be the toolkit root: torch takes the parent of the directory holding the
@@ -61,7 +68,7 @@ def _extension():
     sources = rel(glob.glob(os.path.join(HERE, "csrc", "*.cpp")))
     sources += rel(glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
     cuda_sources = rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))
-    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-Wno-psabi", "-DPy_LIMITED_API=0x03090000"]
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-Wno-psabi"]
     kwargs = dict(
         name="lo_ops._C",
         include_dirs=[os.path.join(HERE, "csrc")],
@@ -82,5 +89,5 @@ def _extension():
 setup(
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    options={"bdist_wheel": {"py_limited_api": ABI3_TAG}},
 )
