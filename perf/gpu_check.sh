@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one command, on a machine with an NVIDIA GPU and a CUDA build
 # of torch: build lo_ops with its CUDA kernels, run the whole test suite (the CUDA tests
-# included), compute-sanitizer memcheck and racecheck on the ops, and the GPU benchmarks.
+# included), compute-sanitizer (memcheck, racecheck, initcheck, synccheck) on the ops, and the GPU
+# benchmarks.
 # Outputs land in perf/results/ (and are copied to $OUT when it is set).
 #
 #   LO_OPS_SHARED=/path/to/shared perf/gpu_check.sh      # default: ../shared next to the repo
@@ -43,7 +44,7 @@ step "tests"
 $PY -m pytest -q -ra tests 2>&1 | tee "$RESULTS/gpu_tests.txt" || status=1
 
 step "compute-sanitizer"
-for tool in memcheck racecheck; do
+for tool in memcheck racecheck initcheck synccheck; do
   compute-sanitizer --tool "$tool" --error-exitcode 1 $PY perf/sanitize_ops.py \
     > "$RESULTS/compute_sanitizer_$tool.txt" 2>&1 || status=1
   tail -n 5 "$RESULTS/compute_sanitizer_$tool.txt"
