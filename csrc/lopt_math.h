@@ -11,13 +11,19 @@
 #include <cmath>
 #include <cstdint>
 
+// LO_UNROLL: loops over the network's units and inputs unrolled completely on the GPU, so that
+// per-element arrays (features, hidden activations) stay in registers instead of local memory.
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define LO_HD __host__ __device__ __forceinline__
+#define LO_UNROLL _Pragma("unroll")
 #elif defined(__GNUC__)
 // Always inlined, so that the CPU backend's per-ISA clones of its loops get ISA-specific code.
 #define LO_HD inline __attribute__((always_inline))
 #else
 #define LO_HD inline
+#endif
+#ifndef LO_UNROLL
+#define LO_UNROLL
 #endif
 
 namespace lo_ops {
@@ -181,11 +187,17 @@ template <int In, int Out, typename V, typename B>
 LO_HD void dense_relu(const V (&in)[In], const float* w, const B* b, V (&out)[Out]) {
   constexpr int JB = Out < kDenseBlock<V> ? Out : kDenseBlock<V>;
   static_assert(Out % JB == 0, "output units must be a multiple of the block");
+  LO_UNROLL
   for (int j0 = 0; j0 < Out; j0 += JB) {
     V acc[JB];
+    LO_UNROLL
     for (int jj = 0; jj < JB; ++jj) acc[jj] = V{} + b[j0 + jj];
-    for (int i = 0; i < In; ++i)
+    LO_UNROLL
+    for (int i = 0; i < In; ++i) {
+      LO_UNROLL
       for (int jj = 0; jj < JB; ++jj) acc[jj] += w[(j0 + jj) * In + i] * in[i];
+    }
+    LO_UNROLL
     for (int jj = 0; jj < JB; ++jj) out[j0 + jj] = relu(acc[jj]);
   }
 }
@@ -209,11 +221,19 @@ LO_HD void mlp_forward(const V (&x)[In], const float* w0, const B* b0, const flo
   constexpr int kParts = 4;
   static_assert(Hidden % kParts == 0, "hidden units must be a multiple of the parts");
   V part[2][kParts];
-  for (int o = 0; o < 2; ++o)
+  LO_UNROLL
+  for (int o = 0; o < 2; ++o) {
+    LO_UNROLL
     for (int q = 0; q < kParts; ++q) part[o][q] = V{};
-  for (int i = 0; i < Hidden; i += kParts)
-    for (int o = 0; o < 2; ++o)
+  }
+  LO_UNROLL
+  for (int i = 0; i < Hidden; i += kParts) {
+    LO_UNROLL
+    for (int o = 0; o < 2; ++o) {
+      LO_UNROLL
       for (int q = 0; q < kParts; ++q) part[o][q] += w2[o * Hidden + i + q] * h2[i + q];
+    }
+  }
   direction = (splat<V>(b2[0]) + (part[0][0] + part[0][1])) + (part[0][2] + part[0][3]);
   magnitude = (splat<V>(b2[1]) + (part[1][0] + part[1][1])) + (part[1][2] + part[1][3]);
 }

@@ -82,6 +82,9 @@ struct Policy {
   static constexpr int kW1 = small_fc_lopt::kW1, kB1 = small_fc_lopt::kB1;
   static constexpr int kW2 = small_fc_lopt::kW2, kB2 = small_fc_lopt::kB2;
   static constexpr float kUnfactoredMomentumEps = small_fc_lopt::kUnfactoredMomentumEps;
+  // CUDA update_kernel: blocks of 256 threads per SM its register budget allows (1: up to 255
+  // registers; the 32-32 MLP keeps both hidden layers in registers, about 160).
+  static constexpr int kUpdateBlocksPerSM = 1;
 
   static LO_HD float decay(const float* decays, int k) { return decays[k]; }
   template <typename T>

@@ -93,6 +93,9 @@ struct Policy {
   static constexpr int kW1 = velo::kW1, kB1 = velo::kB1;
   static constexpr int kW2 = velo::kW2, kB2 = velo::kB2;
   static constexpr float kUnfactoredMomentumEps = velo::kUnfactoredMomentumEps;
+  // CUDA update_kernel: blocks of 256 threads per SM its register budget allows (2: up to 128
+  // registers; about 100 are used).
+  static constexpr int kUpdateBlocksPerSM = 2;
 
   static LO_HD float decay(const float* /*decays*/, int k) { return velo::decay(k); }
   template <typename T>
@@ -156,29 +159,41 @@ struct ChunkMoments {
   bool finite = true;
 };
 
-// The moments of a whole tensor from its chunks of `chunk` elements (the last one shorter), in
-// chunk order: the sum of squares about the tensor mean is, per chunk, the sum of squares
-// about the chunk mean plus count * (chunk mean - tensor mean)^2.
+// Elements in chunk c of a tensor of `numel` elements cut into chunks of `chunk` (the last one
+// shorter).
+LO_HD double chunk_count(int64_t numel, int64_t c, int64_t chunk) {
+  const int64_t left = numel - c * chunk;
+  return static_cast<double>(left < chunk ? left : chunk);
+}
+
+// A chunk's plain sums, added to mo.
+LO_HD void add_chunk_sums(const ChunkMoments& ch, TensorMoments& mo) {
+  mo.p_sq += ch.p_sq;
+  mo.v += ch.v;
+  for (int k = 0; k < kMomentumChannels; ++k) mo.m[k] += ch.m[k];
+}
+
+// A chunk of `count` elements' part of the sums of squares about the tensor's momentum means
+// mu: per chunk, the sum of squares about the chunk mean plus count * (chunk mean - mu)^2.
+LO_HD void add_chunk_spreads(const ChunkMoments& ch, double count,
+                             const double (&mu)[kMomentumChannels], TensorMoments& mo) {
+  for (int k = 0; k < kMomentumChannels; ++k) {
+    const double dm = ch.m[k] / count - mu[k];
+    const double dv = ch.v / count - mu[k];
+    mo.m_centred_sq[k] += ch.m_sq_about_mean[k] + count * dm * dm;
+    mo.v_spread_sq[k] += ch.v_sq_about_mean + count * dv * dv;
+  }
+}
+
+// The moments of a whole tensor from its chunks of `chunk` elements, in chunk order.
 LO_HD TensorMoments combine_chunks(const ChunkMoments* chunks, int64_t num_chunks, int64_t numel,
                                    int64_t chunk) {
   TensorMoments mo;
-  const double n = static_cast<double>(numel);
-  for (int64_t c = 0; c < num_chunks; ++c) {
-    mo.p_sq += chunks[c].p_sq;
-    mo.v += chunks[c].v;
-    for (int k = 0; k < kMomentumChannels; ++k) mo.m[k] += chunks[c].m[k];
-  }
-  for (int k = 0; k < kMomentumChannels; ++k) {
-    const double mu = mo.m[k] / n;  // the tensor's momentum mean, channel k
-    for (int64_t c = 0; c < num_chunks; ++c) {
-      const int64_t left = numel - c * chunk;
-      const double count = static_cast<double>(left < chunk ? left : chunk);
-      const double dm = chunks[c].m[k] / count - mu;
-      const double dv = chunks[c].v / count - mu;
-      mo.m_centred_sq[k] += chunks[c].m_sq_about_mean[k] + count * dm * dm;
-      mo.v_spread_sq[k] += chunks[c].v_sq_about_mean + count * dv * dv;
-    }
-  }
+  for (int64_t c = 0; c < num_chunks; ++c) add_chunk_sums(chunks[c], mo);
+  double mu[kMomentumChannels];  // the tensor's momentum means
+  for (int k = 0; k < kMomentumChannels; ++k) mu[k] = mo.m[k] / static_cast<double>(numel);
+  for (int64_t c = 0; c < num_chunks; ++c)
+    add_chunk_spreads(chunks[c], chunk_count(numel, c, chunk), mu, mo);
   return mo;
 }
 

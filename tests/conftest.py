@@ -52,3 +52,18 @@ VELO_FIXTURES = {
 def velo_fixture(request):
     """The VeLO test meta-weights, through each external layout."""
     return VELO_FIXTURES[request.param]()
+
+
+# The CUDA kernels through the CUDA emulator, under each schedule (see lo_ops.testing).
+EMULATED_CUDA_PATHS = {"emulated-cuda-lockstep": "lockstep", "emulated-cuda-adversarial": "adversarial"}
+
+
+def enter_path(path, request):
+    """For an emulated-CUDA path, runs the rest of the test under lo_ops.testing.cuda_emulation."""
+    if path not in EMULATED_CUDA_PATHS:
+        return
+    from lo_ops.testing import cuda_emulation
+
+    context = cuda_emulation(EMULATED_CUDA_PATHS[path], seed=0)
+    context.__enter__()
+    request.addfinalizer(lambda: context.__exit__(None, None, None))

@@ -6,6 +6,8 @@ import torch
 import lo_ops
 from lo_ops._layout import factored_axes
 
+from conftest import EMULATED_CUDA_PATHS, enter_path
+
 STEP_RTOL = 1e-5
 LR_PROBE = 2.0**24  # p - lr * step is dominated by lr * step: the step is read back exactly
 
@@ -17,17 +19,19 @@ def _jax_state_to_ours(name, leaf_shape, value):
 
 
 # The fused CPU kernel once per instruction set (LO_OPS_CPU_ISA caps the one it uses; a
-# machine without a set runs its best one), and the pure-PyTorch reference.
+# machine without a set runs its best one), the CUDA kernels under the CUDA emulator, and the
+# pure-PyTorch reference.
 PATHS = {"fused-avx512": (True, "avx512"), "fused-avx2": (True, "avx2"), "fused-base": (True, "base"),
-         "reference": (False, None)}
+         **{path: (True, None) for path in EMULATED_CUDA_PATHS}, "reference": (False, None)}
 
 
 @pytest.mark.parametrize("path", list(PATHS))
 def test_small_fc_lopt_matches_original(path, small_fc_lopt_vectors, small_fc_lopt_fixture_dir,
-                                        small_fc_lopt_fixture_offsets, monkeypatch):
+                                        small_fc_lopt_fixture_offsets, monkeypatch, request):
     fused, isa = PATHS[path]
     if isa is not None:
         monkeypatch.setenv("LO_OPS_CPU_ISA", isa)
+    enter_path(path, request)
     meta, vec = small_fc_lopt_vectors
     leaves = meta["leaf_order"]
     params = [torch.nn.Parameter(vec[f"params.step0.{k}"].clone()) for k in leaves]

@@ -13,23 +13,29 @@ from lo_ops import velo_reference as ref
 from lo_ops._layout import VELO_RMIN_INIT, state_shapes, unpack_velo_mlp
 from lo_ops.velo_networks import load_velo_network
 
+from conftest import EMULATED_CUDA_PATHS, VELO_FIXTURES, enter_path
+
 # The fused CPU ops once per instruction set (LO_OPS_CPU_ISA caps the one they use; a machine
-# without a set runs its best one), and the pure-PyTorch reference.
-ISAS = {"fused-avx512": "avx512", "fused-avx2": "avx2", "fused-base": "base", "reference": None}
+# without a set runs its best one), the CUDA kernels under the CUDA emulator, and the
+# pure-PyTorch reference.
+ISAS = {"fused-avx512": "avx512", "fused-avx2": "avx2", "fused-base": "base",
+        **{path: None for path in EMULATED_CUDA_PATHS}, "reference": None}
 PATHS = list(ISAS)
 PROBE = 2.0**24  # lr that makes the step readable from float32 parameters
 N_UPDATES = 8
 
 
-def _use(path, monkeypatch):
-    """Selects the path's instruction set; returns whether it is a fused path."""
+def _use(path, monkeypatch, request):
+    """Selects the path's instruction set or the CUDA emulator; returns whether it is a fused
+    path."""
     if ISAS[path] is not None:
         monkeypatch.setenv("LO_OPS_CPU_ISA", ISAS[path])
+    enter_path(path, request)
     return path != "reference"
 
 
-def _ops(path, monkeypatch):
-    if not _use(path, monkeypatch):
+def _ops(path, monkeypatch, request):
+    if not _use(path, monkeypatch, request):
         return ref.velo_lstm_input, ref.velo_step_
     return torch.ops.lo_ops.velo_lstm_input, torch.ops.lo_ops.velo_step_
 
@@ -79,9 +85,9 @@ def test_loss_buffer_matches(velo_vectors):
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_lstm_input_matches_probes(velo_vectors, path, monkeypatch):
+def test_lstm_input_matches_probes(velo_vectors, path, monkeypatch, request):
     meta, t = velo_vectors
-    lstm_input, _ = _ops(path, monkeypatch)
+    lstm_input, _ = _ops(path, monkeypatch, request)
     leaves = meta["leaf_order"]
     for k in range(1, N_UPDATES + 1):
         params = [t[f"params.step{k - 1}.{leaf}"] for leaf in leaves]
@@ -120,9 +126,9 @@ def test_lstm_and_blending_match_probes(velo_vectors, net):
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_per_tensor_step_given_recorded_controls(velo_vectors, net, path, monkeypatch):
+def test_per_tensor_step_given_recorded_controls(velo_vectors, net, path, monkeypatch, request):
     meta, t = velo_vectors
-    _, velo_step = _ops(path, monkeypatch)
+    _, velo_step = _ops(path, monkeypatch, request)
     sets = net.packed_mlp_sets()
     leaves = meta["leaf_order"]
     worst = 0.0
@@ -148,14 +154,14 @@ def test_per_tensor_step_given_recorded_controls(velo_vectors, net, path, monkey
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_end_to_end_through_fixture(velo_vectors, velo_fixture, path, monkeypatch):
+def test_end_to_end_through_fixture(velo_vectors, velo_fixture, path, monkeypatch, request):
     """The optimizer's own state (loss buffer, LSTM, accumulators) over 8 updates; the
     parameters follow the recorded trajectory so that each step can be read exactly."""
     meta, t = velo_vectors
     leaves = meta["leaf_order"]
     params = [torch.nn.Parameter(t[f"params.step0.{leaf}"].clone()) for leaf in leaves]
     opt = lo_ops.VeLO(params, num_steps=meta["horizon_num_steps"], lr=PROBE,
-                      pretrained=velo_fixture, fused=_use(path, monkeypatch))
+                      pretrained=velo_fixture, fused=_use(path, monkeypatch, request))
     worst = 0.0
     for k, loss in enumerate(_losses(meta), start=1):
         with torch.no_grad():
@@ -176,15 +182,14 @@ def test_end_to_end_through_fixture(velo_vectors, velo_fixture, path, monkeypatc
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_free_running_trajectory(velo_vectors, path, monkeypatch):
+def test_free_running_trajectory(velo_vectors, path, monkeypatch, request):
     """lr = 1, the optimizer's own parameters: after 8 updates they match the recorded ones."""
-    from conftest import VELO_FIXTURES
 
     meta, t = velo_vectors
     leaves = meta["leaf_order"]
     params = [torch.nn.Parameter(t[f"params.step0.{leaf}"].clone()) for leaf in leaves]
     opt = lo_ops.VeLO(params, num_steps=meta["horizon_num_steps"],
-                      pretrained=VELO_FIXTURES["jax"](), fused=_use(path, monkeypatch))
+                      pretrained=VELO_FIXTURES["jax"](), fused=_use(path, monkeypatch, request))
     for k, loss in enumerate(_losses(meta), start=1):
         for p, leaf in zip(params, leaves):
             p.grad = t[f"grads.step{k}.{leaf}"].clone()

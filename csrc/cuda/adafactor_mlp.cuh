@@ -2,18 +2,20 @@
 // torch headers), the optimizer-specific parts from a policy P (small_fc_lopt::Policy,
 // velo::Policy), the per-element maths from the shared headers. The passes mirror the CPU
 // kernel (cpu/adafactor_mlp_cpu.h):
-//   1. factored tensors: means of g^2 over d0 and d1 update r and c (one thread per output,
-//      summing in double in a fixed order), then the row factors (one thread per row of r);
+//   1. factored tensors: means of g^2 over d0 and d1 update r and c, in two levels: blocks sum
+//      segments of the reduced axis for a tile of outputs (moment_partials_kernel), then one
+//      thread per output adds its segments in order (moment_combine_kernel); then a block per
+//      slice of r along d1 computes the row factors (row_factor_kernel);
 //   2. one block per chunk of kChunk elements: momentum, rms and diagonal accumulators are
-//      updated and each chunk's sums of squares of the features are written out (block
-//      reductions in a fixed order, no atomics);
+//      updated and each chunk's sums of squares of the features are written out;
 //   3. one block per tensor folds the normalisation scales and P's constant inputs into the
-//      first layer (and, for a factored tensor, turns its row/column channels into per-row and
-//      per-column first-layer terms);
+//      first layer (fold_kernel), then, for a factored tensor, one thread per row and column
+//      turns its accumulator channels into first-layer terms (contrib_kernel);
 //   4. one block per chunk: features, the MLP (one element per thread) and the update.
-// Tensors reach the kernels through tables passed by value (kMaxTensors per launch; the host
-// launches again while tensors remain). Values that change every step (lr, the step count,
-// VeLO's lr_mult and skip flag) are read from device memory, so a captured graph replays.
+// Every reduction is a fixed-order tree or loop (no atomics), so results do not depend on
+// scheduling. Tensors reach the kernels through tables passed by value (kMaxTensors per launch;
+// the host launches again while tensors remain). Values that change every step (lr, the step
+// count, VeLO's lr_mult and skip flag) are read from device memory, so a captured graph replays.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -29,9 +31,24 @@ namespace lo_ops {
 namespace cuda {
 
 constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
 constexpr int kElementsPerThread = 8;
 constexpr int64_t kChunk = kThreads * kElementsPerThread;  // elements per block
-constexpr int kMaxTensors = 15;  // tensors per launch: the table stays within 4 KB of parameters
+// Elements a block of moment_partials_kernel reads (a tile of outputs times a segment of the
+// reduced axis).
+constexpr int64_t kReduceElements = 16384;
+
+// Bytes of kernel parameters: 32764 from CUDA 12.1 on (Volta and newer), 4096 before. The
+// tensor tables are sized to fill them, leaving room for a kernel's other parameters.
+#ifndef LO_OPS_KERNEL_PARAM_BYTES
+#if CUDART_VERSION >= 12010
+#define LO_OPS_KERNEL_PARAM_BYTES 32764
+#else
+#define LO_OPS_KERNEL_PARAM_BYTES 4096
+#endif
+#endif
+constexpr int64_t kKernelParamBytes = LO_OPS_KERNEL_PARAM_BYTES;
+constexpr int64_t kOtherParamBytes = 64;
 
 // Storage types: float, double, __half, __nv_bfloat16; maths in float.
 template <typename S>
@@ -73,7 +90,8 @@ struct TensorArgs {
   float* col_fac;
   float* row_contrib;  // [kHidden, |r|]
   float* col_contrib;  // [kHidden, |c|]
-  float* fold;         // [kHidden * kFeatures] w0s, [kHidden] b0t, [1] step scale
+  double* moment_partials;  // [|r|, segments of r] then [|c|, segments of c] (MomentPlan)
+  float* fold;         // [kHidden * kFeatures] scaled W0, [kHidden] b0t, [1] step scale
   float* partials;     // [chunks, kFeatures] sums of squares, per chunk
   const float* weights;  // this tensor's packed MLP
   const float* decays;   // this tensor's decays as P::decay reads them (or null)
@@ -85,13 +103,19 @@ struct TensorArgs {
   int factored;
 };
 
+// Tensors per launch table whose entries take `entry` bytes (plus their prefix sum).
+constexpr int table_capacity(int64_t entry) {
+  return static_cast<int>((kKernelParamBytes - kOtherParamBytes - 16) / (entry + 8));
+}
+constexpr int kMaxTensors = table_capacity(sizeof(TensorArgs));
+
 struct Table {
   TensorArgs t[kMaxTensors];
   int64_t start[kMaxTensors + 1];  // prefix sums of the work items (blocks or threads) per tensor
   int count;
 };
-// Kernel parameters are limited to 4 KB before CUDA 12.1; the kernels add a few pointers.
-static_assert(sizeof(Table) <= 4096 - 64, "the tensor table must fit the kernel parameter space");
+static_assert(sizeof(Table) <= kKernelParamBytes - kOtherParamBytes,
+              "the tensor table must fit the kernel parameter space");
 
 // The tensor of work item `item` (start[i] <= item < start[i + 1]) in a table of any kind.
 template <typename Tab>
@@ -139,14 +163,85 @@ LO_HD ReduceView side_view(const FactoredGeometry& g, int side) {
 LO_HD int64_t side_size(const FactoredGeometry& g, int side) {
   return side == 0 ? g.row_numel() : g.col_numel();
 }
-// The outputs of a factored tensor that a launch of one kind handles: a side whose reduced
-// axis is the innermost (I == 1) goes to the warp-per-output kernel, the others to the
-// thread-per-output kernel.
-LO_HD int64_t moment_outputs(const FactoredGeometry& g, bool warp_per_output) {
-  int64_t n = 0;
-  for (int side = 0; side < 2; ++side)
-    if ((side_view(g, side).I == 1) == warp_per_output) n += side_size(g, side);
-  return n;
+
+// How moment_partials_kernel cuts one side's reduction: a block takes a tile of outputs and a
+// segment of the reduced axis. When the reduced axis is the innermost (I == 1) a warp reads one
+// output's row (8 outputs a block); otherwise the 32 lanes take 32 consecutive outputs and the
+// 8 warps every 8th element of the segment. Segments hold about kReduceElements per block.
+struct MomentPlan {
+  ReduceView view;
+  int64_t outputs;   // O * I
+  int64_t tile;      // outputs per block
+  int64_t rows;      // elements of the reduced axis per segment
+  int64_t segments;  // per output
+  LO_HD int64_t tiles() const { return (outputs + tile - 1) / tile; }
+  LO_HD int64_t blocks() const { return tiles() * segments; }
+};
+LO_HD MomentPlan moment_plan(const FactoredGeometry& g, int side) {
+  MomentPlan plan;
+  plan.view = side_view(g, side);
+  plan.outputs = plan.view.O * plan.view.I;
+  plan.tile = plan.view.I == 1 ? kWarps : 32;
+  plan.rows = kReduceElements / plan.tile;
+  plan.segments = (plan.view.R + plan.rows - 1) / plan.rows;
+  return plan;
+}
+// Blocks of moment_partials_kernel for a factored tensor (both sides).
+LO_HD int64_t moment_blocks(const FactoredGeometry& g) {
+  return moment_plan(g, 0).blocks() + moment_plan(g, 1).blocks();
+}
+// Doubles of moment_partials scratch for a factored tensor.
+LO_HD int64_t moment_partials_size(const FactoredGeometry& g) {
+  const MomentPlan r = moment_plan(g, 0), c = moment_plan(g, 1);
+  return r.outputs * r.segments + c.outputs * c.segments;
+}
+
+// Sums of g^2 over one segment of the reduced axis for one tile of outputs, in double, in a
+// fixed order: the segment's elements in order per lane (or warp), then a fixed shuffle tree
+// (rows) or the 8 warps in order (columns).
+template <class P, typename S>
+__global__ void __launch_bounds__(kThreads) moment_partials_kernel(Table table, const bool* skip) {
+  if (skipped(skip)) return;
+  __shared__ double part[kThreads];
+  const int ti = find_tensor(table, blockIdx.x);
+  const TensorArgs& t = table.t[ti];
+  int64_t b = blockIdx.x - table.start[ti];
+  MomentPlan plan = moment_plan(t.geo, 0);
+  double* out = t.moment_partials;
+  if (b >= plan.blocks()) {
+    b -= plan.blocks();
+    out += plan.outputs * plan.segments;
+    plan = moment_plan(t.geo, 1);
+  }
+  const int64_t tile = b / plan.segments, segment = b % plan.segments;
+  const int64_t r0 = segment * plan.rows;
+  const int64_t r1 = r0 + plan.rows < plan.view.R ? r0 + plan.rows : plan.view.R;
+  const int64_t R = plan.view.R, I = plan.view.I;
+  const S* g = static_cast<const S*>(t.g);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  double sum = 0.0;
+  if (I == 1) {
+    const int64_t o = tile * plan.tile + warp;
+    if (o < plan.outputs)
+      for (int64_t r = r0 + lane; r < r1; r += 32)
+        sum += static_cast<double>(factored_gsq(P::grad(to_float(g[o * R + r]))));
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
+    if (lane == 0 && o < plan.outputs) out[o * plan.segments + segment] = sum;
+  } else {
+    const int64_t idx = tile * plan.tile + lane;
+    if (idx < plan.outputs) {
+      const int64_t o = idx / I, i = idx % I;
+      for (int64_t r = r0 + warp; r < r1; r += kWarps)
+        sum += static_cast<double>(factored_gsq(P::grad(to_float(g[(o * R + r) * I + i]))));
+    }
+    part[threadIdx.x] = sum;
+    __syncthreads();
+    if (warp == 0 && idx < plan.outputs) {
+      double total = 0.0;
+      for (int w = 0; w < kWarps; ++w) total += part[w * 32 + lane];
+      out[idx * plan.segments + segment] = total;
+    }
+  }
 }
 
 // Updates r or c (side) at output idx with the mean of g^2, and the scratch derived from it.
@@ -167,65 +262,60 @@ __device__ __forceinline__ void store_moment(const TensorArgs& t, int side, int6
   }
 }
 
-// Means of g^2 for the outputs of r and c, summed in double in a fixed order. kWarp: one warp
-// per output of a side reduced along the innermost axis (coalesced row reads, then a fixed
-// shuffle tree); otherwise one thread per output (neighbouring threads read neighbouring
-// addresses at every step of the reduced axis).
-template <class P, typename S, bool kWarp>
-__global__ void __launch_bounds__(kThreads) factored_moments_kernel(Table table,
-                                                                    const bool* skip) {
-  if (skipped(skip)) return;
-  const int64_t thread = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x;
-  const int64_t item = kWarp ? thread / 32 : thread;
-  if (item >= table.start[table.count]) return;  // whole warps leave together
-  const int ti = find_tensor(table, item);
-  const TensorArgs& t = table.t[ti];
-  int64_t idx = item - table.start[ti];
-  int side = 0;
-  const int64_t first = (side_view(t.geo, 0).I == 1) == kWarp ? side_size(t.geo, 0) : 0;
-  if (idx >= first) {
-    side = 1;
-    idx -= first;
-  }
-  const ReduceView view = side_view(t.geo, side);
-  const int64_t o = idx / view.I, i = idx % view.I;
-  const S* g = static_cast<const S*>(t.g);
-  double sum = 0.0;
-  if (kWarp) {
-    const int lane = threadIdx.x % 32;
-    for (int64_t r = lane; r < view.R; r += 32)
-      sum += static_cast<double>(factored_gsq(P::grad(to_float(g[o * view.R + r]))));
-    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
-    if (lane != 0) return;
-  } else {
-    for (int64_t r = 0; r < view.R; ++r)
-      sum += static_cast<double>(factored_gsq(P::grad(to_float(g[(o * view.R + r) * view.I + i]))));
-  }
-  store_moment<P>(t, side, idx, static_cast<float>(sum / static_cast<double>(view.R)));
-}
-
-// One thread per row of r along its copy of d1 (items: |r| / size(d1) per tensor).
-__global__ void __launch_bounds__(kThreads) row_factor_kernel(Table table, const bool* skip) {
+// One thread per output of r and c (items: |r| + |c| per factored tensor): its segments' sums
+// in order, the mean, and the accumulator update.
+template <class P>
+__global__ void __launch_bounds__(kThreads) moment_combine_kernel(Table table, const bool* skip) {
   if (skipped(skip)) return;
   const int64_t item = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x;
   if (item >= table.start[table.count]) return;
   const int ti = find_tensor(table, item);
   const TensorArgs& t = table.t[ti];
-  const int64_t idx = item - table.start[ti];
-  const FactoredGeometry& g = t.geo;
-  // r is [A, B, Q, C] (d0 = P; d1 = Q: view [A*B, Q, C]) or [A, P, B, C] (view [A, P, B*C]).
-  const ReduceView view = g.d0_is_p ? ReduceView{g.A * g.B, g.Q, g.C} : ReduceView{g.A, g.P, g.B * g.C};
-  const int64_t o = idx / view.I, i = idx % view.I;
-  const int64_t size = g.row_numel();
+  int64_t idx = item - table.start[ti];
+  int side = 0;
+  MomentPlan plan = moment_plan(t.geo, 0);
+  const double* in = t.moment_partials;
+  if (idx >= plan.outputs) {
+    idx -= plan.outputs;
+    in += plan.outputs * plan.segments;
+    side = 1;
+    plan = moment_plan(t.geo, 1);
+  }
+  double sum = 0.0;
+  for (int64_t s = 0; s < plan.segments; ++s) sum += in[idx * plan.segments + s];
+  store_moment<P>(t, side, idx, static_cast<float>(sum / static_cast<double>(plan.view.R)));
+}
+
+// r as [slices of d1 within r]: d0 = P: r is [A, B, Q, C], d1 = Q, view [A*B, Q, C]; d0 = Q: r
+// is [A, P, B, C], d1 = P, view [A, P, B*C]. A slice is one (o, i) of the view.
+LO_HD ReduceView row_slices(const FactoredGeometry& g) {
+  return g.d0_is_p ? ReduceView{g.A * g.B, g.Q, g.C} : ReduceView{g.A, g.P, g.B * g.C};
+}
+
+// One block per slice of r along d1 (items: |r| / size(d1) per tensor): the slice's mean by a
+// fixed-order block reduction, then the row factors of the slice.
+__global__ void __launch_bounds__(kThreads) row_factor_kernel(Table table, const bool* skip) {
+  if (skipped(skip)) return;
+  __shared__ double scratch[kWarps];
+  __shared__ float mean;
+  const int ti = find_tensor(table, blockIdx.x);
+  const TensorArgs& t = table.t[ti];
+  const int64_t slice = blockIdx.x - table.start[ti];
+  const ReduceView view = row_slices(t.geo);
+  const int64_t o = slice / view.I, i = slice % view.I;
+  const int64_t size = t.geo.row_numel();
   for (int k = 0; k < kFactoredChannels; ++k) {
     const float* r = t.row + k * size;
     double sum = 0.0;
-    for (int64_t j = 0; j < view.R; ++j) sum += static_cast<double>(r[(o * view.R + j) * view.I + i]);
-    const float mean = static_cast<float>(sum / static_cast<double>(view.R));
-    for (int64_t j = 0; j < view.R; ++j) {
+    for (int64_t j = threadIdx.x; j < view.R; j += kThreads) sum += static_cast<double>(r[(o * view.R + j) * view.I + i]);
+    sum = block_sum(sum, scratch);
+    if (threadIdx.x == 0) mean = static_cast<float>(sum / static_cast<double>(view.R));
+    __syncthreads();
+    for (int64_t j = threadIdx.x; j < view.R; j += kThreads) {
       const int64_t e = (o * view.R + j) * view.I + i;
       t.row_fac[k * size + e] = row_factor(r[e], mean);
     }
+    __syncthreads();  // `mean` is rewritten for the next channel
   }
 }
 
@@ -338,27 +428,33 @@ __global__ void __launch_bounds__(kThreads) accumulate_kernel(Table table, const
   }
 }
 
-// One block per tensor: normalisation scales and P's constants folded into the first layer.
+// One block per tensor: normalisation scales and P's constants folded into the first layer. The
+// per-chunk sums of squares are added up by all threads (each a stride of chunks, then a
+// fixed-order block reduction per channel).
 template <class P>
 __global__ void __launch_bounds__(kThreads) fold_kernel(Table table, float step_mult,
                                                         const bool* skip) {
   if (skipped(skip)) return;
   constexpr int F = P::kFeatures;
   constexpr int H = P::kHidden;
-  __shared__ double dscratch[kThreads / 32];
+  __shared__ double dscratch[kWarps];
   __shared__ double sums[F];
-  __shared__ float ws[H][F];
   const TensorArgs& t = table.t[blockIdx.x];
   if (t.numel == 0) {  // nothing to fold; the step is still counted
     if (threadIdx.x == 0 && t.step != nullptr) *t.step += 1.0f;
     return;
   }
-  if (threadIdx.x < F) {
-    double s = 0.0;
-    for (int64_t c = 0; c < t.chunks; ++c) s += t.partials[c * F + threadIdx.x];
-    sums[threadIdx.x] = s;
+  // Element-wise channels (all of them for an unfactored tensor) from the chunks' partials.
+  {
+    double acc[F];
+    for (int c = 0; c < F; ++c) acc[c] = 0.0;
+    for (int64_t chunk = threadIdx.x; chunk < t.chunks; chunk += kThreads)
+      for (int c = 0; c < F; ++c) acc[c] += t.partials[chunk * F + c];
+    for (int c = 0; c < F; ++c) {
+      const double total = block_sum(acc[c], dscratch);
+      if (threadIdx.x == 0) sums[c] = total;
+    }
   }
-  const int64_t rs = t.factored ? t.geo.row_numel() : 0, cs = t.factored ? t.geo.col_numel() : 0;
   if (t.factored) {
     // Row/column channels: each r value stands for size(d0) elements, each c for size(d1).
     const double d0_len = static_cast<double>(t.geo.d0_is_p ? t.geo.P : t.geo.Q);
@@ -366,7 +462,7 @@ __global__ void __launch_bounds__(kThreads) fold_kernel(Table table, float step_
     for (int side = 0; side < 2; ++side) {
       const float* values = side == 0 ? t.row : t.col;
       const float* rsq = side == 0 ? t.row_rsqrt : t.col_rsqrt;
-      const int64_t size = side == 0 ? rs : cs;
+      const int64_t size = side_size(t.geo, side);
       const int first = side == 0 ? P::kFirstRowChannel : P::kFirstColChannel;
       const double len = side == 0 ? d0_len : d1_len;
       for (int k = 0; k < kFactoredChannels; ++k) {
@@ -386,40 +482,13 @@ __global__ void __launch_bounds__(kThreads) fold_kernel(Table table, float step_
     }
   }
   __syncthreads();
-  // Scaled first-layer weights, [H][F].
-  for (int idx = threadIdx.x; idx < H * F; idx += kThreads) {
-    const int j = idx / F, c = idx % F;
-    ws[j][c] = t.weights[P::kW0 + j * P::kInputs + c] * normalisation_scale(sums[c], t.numel);
-  }
-  __syncthreads();
-  float* w0s = t.fold;
+  // The scaled first-layer weights [H][F], b0 with P's constant inputs, and the step scale.
+  float* ws = t.fold;
   float* b0t = t.fold + H * F;
   const float step_t = t.step != nullptr ? *t.step : 0.f;
-  if (t.factored) {
-    for (int idx = threadIdx.x; idx < H * P::kElementFeatures; idx += kThreads) {
-      const int j = idx / P::kElementFeatures, i = idx % P::kElementFeatures;
-      w0s[idx] = ws[j][P::element_channel(i)];
-    }
-    // Per-row and per-column first-layer terms of the accumulator channels.
-    for (int side = 0; side < 2; ++side) {
-      const float* values = side == 0 ? t.row : t.col;
-      const float* rsq = side == 0 ? t.row_rsqrt : t.col_rsqrt;
-      float* out = side == 0 ? t.row_contrib : t.col_contrib;
-      const int64_t size = side == 0 ? rs : cs;
-      const int first = side == 0 ? P::kFirstRowChannel : P::kFirstColChannel;
-      for (int64_t idx = threadIdx.x; idx < H * size; idx += kThreads) {
-        const int j = static_cast<int>(idx / size);
-        const int64_t i = idx % size;
-        float acc = 0.f;
-        for (int k = 0; k < kFactoredChannels; ++k) {
-          acc += ws[j][first + k] * values[k * size + i];
-          acc += ws[j][first + 2 * kFactoredChannels + k] * rsq[k * size + i];
-        }
-        out[idx] = acc;
-      }
-    }
-  } else {
-    for (int idx = threadIdx.x; idx < H * F; idx += kThreads) w0s[idx] = ws[idx / F][idx % F];
+  for (int idx = threadIdx.x; idx < H * F; idx += kThreads) {
+    const int j = idx / F, c = idx % F;
+    ws[idx] = t.weights[P::kW0 + j * P::kInputs + c] * normalisation_scale(sums[c], t.numel);
   }
   if (threadIdx.x < H) b0t[threadIdx.x] = P::first_bias(t.weights, step_t, threadIdx.x);
   if (threadIdx.x == 0) {
@@ -430,10 +499,61 @@ __global__ void __launch_bounds__(kThreads) fold_kernel(Table table, float step_
   if (threadIdx.x == 0 && t.step != nullptr) *t.step = step_t + 1.0f;
 }
 
+// Blocks of contrib_kernel for a factored tensor: one thread per index of r and of c.
+LO_HD int64_t contrib_blocks(const FactoredGeometry& g) {
+  return (g.row_numel() + g.col_numel() + kThreads - 1) / kThreads;
+}
+
+// A factored tensor's per-row and per-column first-layer terms of its accumulator channels
+// (r, c and their rsqrt, constant along d0 or d1): one thread per index of r, then of c, each
+// writing its H terms (items: contrib_blocks per factored tensor; a block serves one tensor).
+template <class P>
+__global__ void __launch_bounds__(kThreads) contrib_kernel(Table table, const bool* skip) {
+  if (skipped(skip)) return;
+  constexpr int F = P::kFeatures;
+  constexpr int H = P::kHidden;
+  __shared__ float ws[H * F];
+  const int ti = find_tensor(table, blockIdx.x);
+  const TensorArgs& t = table.t[ti];
+  for (int i = threadIdx.x; i < H * F; i += kThreads) ws[i] = t.fold[i];
+  __syncthreads();
+  const int64_t rs = t.geo.row_numel(), cs = t.geo.col_numel();
+  int64_t i = (blockIdx.x - table.start[ti]) * kThreads + threadIdx.x;
+  if (i >= rs + cs) return;
+  const int side = i < rs ? 0 : 1;
+  if (side == 1) i -= rs;
+  const float* values = side == 0 ? t.row : t.col;
+  const float* rsq = side == 0 ? t.row_rsqrt : t.col_rsqrt;
+  float* out = side == 0 ? t.row_contrib : t.col_contrib;
+  const int64_t size = side == 0 ? rs : cs;
+  const int first = side == 0 ? P::kFirstRowChannel : P::kFirstColChannel;
+  float x[kFactoredChannels], y[kFactoredChannels];
+  for (int k = 0; k < kFactoredChannels; ++k) {
+    x[k] = values[k * size + i];
+    y[k] = rsq[k * size + i];
+  }
+  for (int j = 0; j < H; ++j) {
+    float acc = 0.f;
+    for (int k = 0; k < kFactoredChannels; ++k) {
+      acc += ws[j * F + first + k] * x[k];
+      acc += ws[j * F + first + 2 * kFactoredChannels + k] * y[k];
+    }
+    out[j * size + i] = acc;
+  }
+}
+
+// A compiler-only memory barrier (no instruction): at the top of update_kernel's element loop
+// it keeps the compiler from hoisting the network's weights out of the loop into registers,
+// where all of them would stay live across the elements (thousands of values, spilled to local
+// memory); from shared memory they are read as each layer needs them.
+__device__ __forceinline__ void reread_shared_memory() { asm volatile("" ::: "memory"); }
+
 // One block per chunk: features, MLP and update; the tensor's folded first layer and the
-// other layers are staged in shared memory.
+// other layers are staged in shared memory. P::kUpdateBlocksPerSM sets the register budget
+// (65536 / (kThreads * blocks) per thread), chosen so that the MLP's activations fit in
+// registers with no stack frame.
 template <class P, typename S>
-__global__ void __launch_bounds__(kThreads) update_kernel(Table table, const float* lr,
+__global__ void __launch_bounds__(kThreads, P::kUpdateBlocksPerSM) update_kernel(Table table, const float* lr,
                                                           float weight_decay, float exp_mult,
                                                           const bool* skip) {
   if (skipped(skip)) return;
@@ -448,7 +568,14 @@ __global__ void __launch_bounds__(kThreads) update_kernel(Table table, const flo
   const int ti = find_tensor(table, blockIdx.x);
   const TensorArgs& t = table.t[ti];
   const int64_t chunk = blockIdx.x - table.start[ti];
-  for (int i = threadIdx.x; i < H * F; i += kThreads) w0s[i] = t.fold[i];
+  // The first layer: all F columns of the folded weights, or for a factored tensor the
+  // element-wise ones ([H][kElementFeatures]); the others reach it through row/col_contrib.
+  if (t.factored) {
+    constexpr int E = P::kElementFeatures;
+    for (int i = threadIdx.x; i < H * E; i += kThreads) w0s[i] = t.fold[(i / E) * F + P::element_channel(i % E)];
+  } else {
+    for (int i = threadIdx.x; i < H * F; i += kThreads) w0s[i] = t.fold[i];
+  }
   for (int i = threadIdx.x; i <= H; i += kThreads) b0t[i] = t.fold[H * F + i];
   for (int i = threadIdx.x; i < H * H; i += kThreads) w1[i] = t.weights[P::kW1 + i];
   for (int i = threadIdx.x; i < H; i += kThreads) b1[i] = t.weights[P::kB1 + i];
@@ -461,6 +588,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(Table table, const flo
   for (int k = 0; k < kElementsPerThread; ++k) {
     const int64_t e = chunk * kChunk + k * kThreads + threadIdx.x;
     if (e >= t.numel) break;
+    reread_shared_memory();
     ElementInputs<float> in;
     int64_t ri = 0, ci = 0;
     element_inputs<P, S, false>(t, e, in, ri, ci);
@@ -469,6 +597,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(Table table, const flo
       float x[P::kElementFeatures];
       P::element_features(in, x);
       float b0[H];
+      LO_UNROLL
       for (int j = 0; j < H; ++j) b0[j] = (b0t[j] + t.row_contrib[j * rs + ri]) + t.col_contrib[j * cs + ci];
       mlp_forward<P::kElementFeatures, H>(x, w0s, b0, w1, b1, w2, b2, direction, magnitude);
     } else {

@@ -1,10 +1,10 @@
 // CUDA bindings of the lo_ops ops: argument checks (../checks.h), scratch from the caching
 // allocator, the kernels of adafactor_mlp.cuh and velo_stats.cuh launched on the current
-// stream under a device guard. Only device-generic torch headers are used (c10::DeviceGuard,
-// the stream's native handle), so this file compiles against any torch build's headers.
+// stream under a device guard (launch.cuh). Only device-generic torch headers are used
+// (c10::DeviceGuard, the stream's native handle), so this file compiles against any torch
+// build's headers, and as host C++ under the CUDA emulator (lo_ops.testing).
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
-#include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/library.h>
 
 #include <cuda_runtime.h>
@@ -15,16 +15,12 @@
 #include "../small_fc_lopt_math.h"
 #include "../velo_math.h"
 #include "adafactor_mlp.cuh"
+#include "launch.cuh"
 #include "velo_stats.cuh"
 
 namespace lo_ops {
 namespace cuda {
 namespace {
-
-cudaStream_t current_stream(const at::Device& device) {
-  const c10::impl::VirtualGuardImpl impl(c10::DeviceType::CUDA);
-  return static_cast<cudaStream_t>(impl.getStream(device).native_handle());
-}
 
 void check_launch(const char* what) {
   const cudaError_t err = cudaGetLastError();
@@ -67,15 +63,20 @@ struct Bucket {
          at::TensorList fac_col, at::TensorList fac_diag)
       : params(params_) {
     constexpr int F = P::kFeatures, H = P::kHidden;
-    int64_t scratch = 0;
+    int64_t scratch = 0, moment_scratch = 0;
     for (const auto& info : infos) {
       scratch += H * F + H + 1 + ((info.numel + kChunk - 1) / kChunk) * F;
-      if (info.factored)
+      if (info.factored) {
         scratch += (2 * kFactoredChannels + H) * (info.geo.row_numel() + info.geo.col_numel());
+        moment_scratch += moment_partials_size(info.geo);
+      }
     }
-    at::Tensor buffer = at::empty({scratch}, params[0].options().dtype(at::kFloat));
+    at::Tensor buffer = uninitialized({scratch}, params[0].options().dtype(at::kFloat));
+    at::Tensor moment_buffer = uninitialized({moment_scratch}, params[0].options().dtype(at::kDouble));
     keep.push_back(buffer);
+    keep.push_back(moment_buffer);
     float* sp = buffer.data_ptr<float>();
+    double* mp = moment_buffer.data_ptr<double>();
     for (size_t i = 0; i < params.size(); ++i) {
       const TensorInfo& info = infos[i];
       contiguous.push_back(params[i].contiguous());
@@ -105,6 +106,8 @@ struct Bucket {
         t.row_contrib = t.col_fac + kFactoredChannels * cs;
         t.col_contrib = t.row_contrib + H * rs;
         sp = t.col_contrib + H * cs;
+        t.moment_partials = mp;
+        mp += moment_partials_size(info.geo);
       } else {
         t.row = fac_diag[info.state_index].data_ptr<float>();
       }
@@ -123,44 +126,44 @@ template <class P, typename S>
 void run_passes(const std::vector<TensorArgs>& tensors, const float* lr,
                 float weight_decay, float step_mult, float exp_mult, const bool* skip,
                 cudaStream_t stream) {
-  const auto thread_items = [](const TensorArgs& t) {
-    return t.factored && t.numel > 0 ? moment_outputs(t.geo, false) : int64_t{0};
-  };
-  for_each_table<Table, kMaxTensors>(tensors, thread_items, [&](const Table& table) {
-    factored_moments_kernel<P, S, false>
-        <<<static_cast<unsigned>(blocks_for(table.start[table.count])), kThreads, 0, stream>>>(
-            table, skip);
+  const auto factored = [](const TensorArgs& t) { return t.factored && t.numel > 0; };
+  const auto moment_items = [&](const TensorArgs& t) { return factored(t) ? moment_blocks(t.geo) : 0; };
+  for_each_table<Table, kMaxTensors>(tensors, moment_items, [&](const Table& table) {
+    launch(moment_partials_kernel<P, S>, table.start[table.count], kThreads, stream, table, skip);
   });
-  const auto warp_items = [](const TensorArgs& t) {
-    return t.factored && t.numel > 0 ? moment_outputs(t.geo, true) : int64_t{0};
+  check_launch("moment_partials_kernel");
+  const auto output_items = [&](const TensorArgs& t) {
+    return factored(t) ? t.geo.row_numel() + t.geo.col_numel() : 0;
   };
-  for_each_table<Table, kMaxTensors>(tensors, warp_items, [&](const Table& table) {
-    factored_moments_kernel<P, S, true>
-        <<<static_cast<unsigned>(blocks_for(32 * table.start[table.count])), kThreads, 0, stream>>>(
-            table, skip);
+  for_each_table<Table, kMaxTensors>(tensors, output_items, [&](const Table& table) {
+    launch(moment_combine_kernel<P>, blocks_for(table.start[table.count]), kThreads, stream, table, skip);
   });
-  check_launch("factored_moments_kernel");
-  const auto row_items = [](const TensorArgs& t) {
-    if (!t.factored || t.numel == 0) return int64_t{0};
-    return t.geo.row_numel() / (t.geo.d0_is_p ? t.geo.Q : t.geo.P);
+  check_launch("moment_combine_kernel");
+  const auto slice_items = [&](const TensorArgs& t) {
+    return factored(t) ? t.geo.row_numel() / row_slices(t.geo).R : 0;
   };
-  for_each_table<Table, kMaxTensors>(tensors, row_items, [&](const Table& table) {
-    row_factor_kernel<<<static_cast<unsigned>(blocks_for(table.start[table.count])), kThreads, 0, stream>>>(table, skip);
+  for_each_table<Table, kMaxTensors>(tensors, slice_items, [&](const Table& table) {
+    launch(row_factor_kernel, table.start[table.count], kThreads, stream, table, skip);
   });
   check_launch("row_factor_kernel");
   const auto chunk_items = [](const TensorArgs& t) { return t.chunks; };
   for_each_table<Table, kMaxTensors>(tensors, chunk_items, [&](const Table& table) {
-    accumulate_kernel<P, S><<<static_cast<unsigned>(table.start[table.count]), kThreads, 0, stream>>>(table, skip);
+    launch(accumulate_kernel<P, S>, table.start[table.count], kThreads, stream, table, skip);
   });
   check_launch("accumulate_kernel");
   const auto one = [](const TensorArgs&) { return int64_t{1}; };
   for_each_table<Table, kMaxTensors>(tensors, one, [&](const Table& table) {
-    fold_kernel<P><<<table.count, kThreads, 0, stream>>>(table, step_mult, skip);
+    launch(fold_kernel<P>, table.count, kThreads, stream, table, step_mult, skip);
   });
   check_launch("fold_kernel");
+  const auto contrib_items = [&](const TensorArgs& t) { return factored(t) ? contrib_blocks(t.geo) : 0; };
+  for_each_table<Table, kMaxTensors>(tensors, contrib_items, [&](const Table& table) {
+    launch(contrib_kernel<P>, table.start[table.count], kThreads, stream, table, skip);
+  });
+  check_launch("contrib_kernel");
   for_each_table<Table, kMaxTensors>(tensors, chunk_items, [&](const Table& table) {
-    update_kernel<P, S><<<static_cast<unsigned>(table.start[table.count]), kThreads, 0, stream>>>(
-        table, lr, weight_decay, exp_mult, skip);
+    launch(update_kernel<P, S>, table.start[table.count], kThreads, stream, table, lr, weight_decay,
+           exp_mult, skip);
   });
   check_launch("update_kernel");
 }
@@ -257,8 +260,8 @@ std::tuple<at::Tensor, at::Tensor> velo_lstm_input_cuda(at::TensorList params,
   check_velo_lstm_input_inputs(params, grads, momentum, rms, loss_features, iteration, num_steps);
   const int64_t T = static_cast<int64_t>(params.size());
   const c10::DeviceGuard guard(loss_features.device());
-  at::Tensor X = at::empty({T, velo::kLstmInputs}, loss_features.options());
-  at::Tensor finite = at::empty({}, loss_features.options().dtype(at::kBool));
+  at::Tensor X = uninitialized({T, velo::kLstmInputs}, loss_features.options());
+  at::Tensor finite = uninitialized({}, loss_features.options().dtype(at::kBool));
   if (T == 0) {
     finite.fill_(true);
     return {X, finite};
@@ -282,28 +285,28 @@ std::tuple<at::Tensor, at::Tensor> velo_lstm_input_cuda(at::TensorList params,
     chunks += (t.numel + kChunk - 1) / kChunk;
     tensors.push_back(t);
   }
-  at::Tensor moments = at::empty(
+  at::Tensor moments = uninitialized(
       {std::max<int64_t>(chunks, 1) * static_cast<int64_t>(sizeof(velo::ChunkMoments))},
       loss_features.options().dtype(at::kByte));
-  at::Tensor tensor_finite = at::empty({T}, loss_features.options().dtype(at::kBool));
+  at::Tensor tensor_finite = uninitialized({T}, loss_features.options().dtype(at::kBool));
   auto* out = reinterpret_cast<velo::ChunkMoments*>(moments.data_ptr());
   const auto chunk_items = [](const StatsTensor& t) { return (t.numel + kChunk - 1) / kChunk; };
   dispatch_storage(params[0].scalar_type(), "velo_lstm_input", [&](auto* tag) {
     using S = std::remove_pointer_t<decltype(tag)>;
     for_each_table<StatsTable, kMaxStatsTensors>(tensors, chunk_items, [&](const StatsTable& table) {
-      chunk_moments_kernel<S><<<static_cast<unsigned>(table.start[table.count]), kThreads, 0, stream>>>(table, out);
+      launch(chunk_moments_kernel<S>, table.start[table.count], kThreads, stream, table, out);
     });
   });
   check_launch("chunk_moments_kernel");
   const auto one = [](const StatsTensor&) { return int64_t{1}; };
   const at::Tensor iteration32 = iteration.to(at::kFloat);
   for_each_table<StatsTable, kMaxStatsTensors>(tensors, one, [&](const StatsTable& table) {
-    lstm_rows_kernel<<<static_cast<unsigned>(blocks_for(table.count)), kThreads, 0, stream>>>(
+    launch(lstm_rows_kernel, table.count, kThreads, stream, 
         table, out, loss_features.data_ptr<float>(), iteration32.data_ptr<float>(),
         static_cast<float>(num_steps), X.data_ptr<float>(), tensor_finite.data_ptr<bool>());
   });
   check_launch("lstm_rows_kernel");
-  all_true_kernel<<<1, kThreads, 0, stream>>>(tensor_finite.data_ptr<bool>(), T,
+  launch(all_true_kernel, 1, kThreads, stream, tensor_finite.data_ptr<bool>(), T,
                                               finite.data_ptr<bool>());
   check_launch("all_true_kernel");
   return {X, finite};
@@ -312,7 +315,7 @@ std::tuple<at::Tensor, at::Tensor> velo_lstm_input_cuda(at::TensorList params,
 }  // namespace
 }  // namespace cuda
 
-TORCH_LIBRARY_IMPL(lo_ops, CUDA, m) {
+TORCH_LIBRARY_IMPL(LO_OPS_CUDA_LIBRARY, LO_OPS_CUDA_DISPATCH_KEY, m) {
   m.impl("small_fc_lopt_step_", &cuda::small_fc_lopt_step_cuda);
   m.impl("velo_lstm_input", &cuda::velo_lstm_input_cuda);
   m.impl("velo_step_", &cuda::velo_step_cuda);

@@ -1,8 +1,9 @@
 // CUDA kernels of lo_ops::velo_lstm_input (plain CUDA on raw pointers): one block per chunk of
 // every tensor gathers the chunk's moments (sums, and squares about the chunk's own means) and
-// whether its gradients are finite; one thread per tensor combines its chunks in order into the
-// tensor's row of X (velo::combine_chunks, velo::lstm_tensor_features); one block ANDs the
-// per-tensor finite flags. No atomics: results do not depend on scheduling.
+// whether its gradients are finite; one block per tensor combines its chunks into the tensor's
+// row of X (fixed-order block reductions of velo::add_chunk_sums and velo::add_chunk_spreads,
+// then velo::lstm_tensor_features); one block ANDs the per-tensor finite flags. No atomics:
+// results do not depend on scheduling.
 #pragma once
 
 #include "../velo_math.h"
@@ -10,8 +11,6 @@
 
 namespace lo_ops {
 namespace cuda {
-
-constexpr int kMaxStatsTensors = 48;
 
 struct StatsTensor {
   const void* p;
@@ -24,12 +23,15 @@ struct StatsTensor {
   int dims;             // axes longer than 1
 };
 
+constexpr int kMaxStatsTensors = table_capacity(sizeof(StatsTensor));
+
 struct StatsTable {
   StatsTensor t[kMaxStatsTensors];
   int64_t start[kMaxStatsTensors + 1];
   int count;
 };
-static_assert(sizeof(StatsTable) <= 4096 - 64, "the tensor table must fit the kernel parameter space");
+static_assert(sizeof(StatsTable) <= kKernelParamBytes - kOtherParamBytes,
+              "the tensor table must fit the kernel parameter space");
 
 template <typename S>
 __global__ void __launch_bounds__(kThreads) chunk_moments_kernel(StatsTable table,
@@ -92,27 +94,48 @@ __global__ void __launch_bounds__(kThreads) chunk_moments_kernel(StatsTable tabl
   }
 }
 
-// One thread per tensor: its row of X and whether its gradients were finite.
+// One block per tensor (items: one per tensor): its row of X and whether its gradients were
+// finite. Each thread takes a stride of the tensor's chunks; the sums, then the spreads about
+// the tensor's means, are block reductions in a fixed order.
 __global__ void __launch_bounds__(kThreads) lstm_rows_kernel(StatsTable table,
                                                              const velo::ChunkMoments* chunks,
                                                              const float* loss_features,
                                                              const float* iteration,
                                                              float num_steps, float* X,
                                                              bool* tensor_finite) {
-  const int ti = blockIdx.x * kThreads + threadIdx.x;
-  if (ti >= table.count) return;
-  const StatsTensor& t = table.t[ti];
+  __shared__ double scratch[kWarps];
+  __shared__ double mu[kMomentumChannels];
+  const StatsTensor& t = table.t[blockIdx.x];
+  const velo::ChunkMoments* mine = chunks + t.first_chunk;
+  const int64_t num_chunks = (t.numel + kChunk - 1) / kChunk;
+  bool finite = true;
+  velo::TensorMoments part;
+  for (int64_t c = threadIdx.x; c < num_chunks; c += kThreads) {
+    finite = finite && mine[c].finite;
+    velo::add_chunk_sums(mine[c], part);
+  }
+  velo::TensorMoments mo;
+  mo.p_sq = block_sum(part.p_sq, scratch);
+  mo.v = block_sum(part.v, scratch);
+  for (int k = 0; k < kMomentumChannels; ++k) mo.m[k] = block_sum(part.m[k], scratch);
+  if (threadIdx.x == 0)
+    for (int k = 0; k < kMomentumChannels; ++k) mu[k] = mo.m[k] / static_cast<double>(t.numel);
+  __syncthreads();
+  double means[kMomentumChannels];
+  for (int k = 0; k < kMomentumChannels; ++k) means[k] = mu[k];
+  for (int64_t c = threadIdx.x; c < num_chunks; c += kThreads)
+    velo::add_chunk_spreads(mine[c], velo::chunk_count(t.numel, c, kChunk), means, part);
+  for (int k = 0; k < kMomentumChannels; ++k) {
+    mo.m_centred_sq[k] = block_sum(part.m_centred_sq[k], scratch);
+    mo.v_spread_sq[k] = block_sum(part.v_spread_sq[k], scratch);
+  }
+  finite = __syncthreads_and(finite);
+  if (threadIdx.x != 0) return;
   float* row = X + t.index * velo::kLstmInputs;
   const float step = *iteration;
   for (int k = 0; k < velo::kTimeFeatures; ++k) row[k] = velo::time_feature(step, num_steps, k);
   for (int k = 0; k < velo::kLossFeatures; ++k) row[velo::kFirstLossFeature + k] = loss_features[k];
-  const int64_t num_chunks = (t.numel + kChunk - 1) / kChunk;
-  bool finite = true;
-  for (int64_t c = 0; c < num_chunks; ++c) finite = finite && chunks[t.first_chunk + c].finite;
-  const velo::TensorMoments mo =
-      t.numel > 0 ? velo::combine_chunks(chunks + t.first_chunk, num_chunks, t.numel, kChunk)
-                  : velo::TensorMoments{};
-  velo::lstm_tensor_features(mo, t.numel, t.dims, row);
+  velo::lstm_tensor_features(t.numel > 0 ? mo : velo::TensorMoments{}, t.numel, t.dims, row);
   tensor_finite[t.index] = finite;
 }
 
