@@ -11,7 +11,10 @@ ones) unless --velo-weights names others.
 
 On CUDA every fused optimizer (and AdamW) is also timed compiled
 (`torch.compile(step, fullgraph=True)`, suffix `_compiled`) and captured in a CUDA graph
-(suffix `_graph`). ../shared is found next to the repository, or at $LO_OPS_SHARED.
+(suffix `_graph`). On the CPU, `--cuda-emulation lockstep|adversarial` also times the fused lo_ops
+steps through the CUDA kernels under lo_ops.testing's CUDA emulator (suffix `_emulated_cuda`,
+`--emulation-repeats` steps): what the emulator costs, not how fast a GPU is. ../shared is found
+next to the repository, or at $LO_OPS_SHARED.
 """
 
 from __future__ import annotations
@@ -99,8 +102,13 @@ def main():
     ap.add_argument("--velo-weights", default=str(VELO_WEIGHTS))
     ap.add_argument("--only", default=None, help="comma-separated cases to run")
     ap.add_argument("--skip-reference", action="store_true", help="leave out the eager references")
+    ap.add_argument("--cuda-emulation", choices=["lockstep", "adversarial"], default=None,
+                    help="also time the fused lo_ops steps under the CUDA emulator (CPU only)")
+    ap.add_argument("--emulation-repeats", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    if args.cuda_emulation and args.device != "cpu":
+        ap.error("--cuda-emulation runs the CUDA kernels on CPU tensors: use --device cpu")
 
     shapes = json.loads(PARAM_SETS.read_text())[args.set]
     dtype = getattr(torch, args.dtype)
@@ -134,6 +142,23 @@ def main():
             build, repeats = cases[name]
             cases[name + "_compiled"] = ((lambda b: lambda ps: torch.compile(b(ps), fullgraph=True))(build), repeats)
             cases[name + "_graph"] = ((lambda b: lambda ps: cuda_graph(b(ps)))(build), repeats)
+    if args.cuda_emulation:  # the fused lo_ops steps through the emulated CUDA kernels
+        from lo_ops.testing import cuda_emulation, load_cuda_emulator
+
+        load_cuda_emulator()
+
+        def emulated(build):
+            def make(ps):
+                step = build(ps)
+
+                def run():
+                    with cuda_emulation(args.cuda_emulation):
+                        return step()
+                return run
+            return make
+
+        for name in ("small_fc_lopt_fused", "velo_fused"):
+            cases[name + "_emulated_cuda"] = (emulated(cases[name][0]), args.emulation_repeats)
     if args.skip_reference:
         cases = {k: v for k, v in cases.items() if not k.endswith("reference")}
     if args.only:
@@ -160,6 +185,8 @@ def main():
     for mode in ("_compiled", "_graph"):
         for opt in ("small_fc_lopt", "velo"):
             ratios[f"{opt}_fused{mode}_over_adamw{mode}"] = ratio(f"{opt}_fused{mode}", f"adamw_fused{mode}")
+    for opt in ("small_fc_lopt", "velo"):
+        ratios[f"{opt}_fused_emulated_cuda_over_fused"] = ratio(f"{opt}_fused_emulated_cuda", f"{opt}_fused")
     ratios = {k: v for k, v in ratios.items() if v is not None}
     for k, v in ratios.items():
         print(f"{k:28s} {v:10.2f}x")
@@ -169,10 +196,12 @@ def main():
         "machine": platform.processor() or platform.machine(), "cpu": cpu_description(),
         "gpu": torch.cuda.get_device_name() if cuda else None,
         "cuda": torch.version.cuda if cuda else None,
+        "cuda_emulation": args.cuda_emulation,
         "results": results, "ratios": ratios,
         "date": time.strftime("%Y-%m-%d"),
     }
-    out = args.out or HERE / "results" / f"bench_step_{args.set}_{args.device}_{args.dtype}.json"
+    suffix = "_emulated_cuda" if args.cuda_emulation else ""
+    out = args.out or HERE / "results" / f"bench_step_{args.set}_{args.device}_{args.dtype}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {out}")

@@ -19,7 +19,7 @@ from lo_ops import reference, testing
 from lo_ops import velo_reference as vref
 
 from conftest import VELO_FIXTURES
-from helpers import SHAPES, make_params, set_grads
+from helpers import SHAPES, CountingBackend, make_params, set_grads
 from test_cuda import _small_fc_args, _velo_args
 
 SCHEDULES = list(testing.SCHEDULES)
@@ -156,6 +156,27 @@ def test_cuda_emulation_restores_the_cpu_kernels():
     torch.ops.lo_ops.small_fc_lopt_step_(*args)
     assert during > before
     assert testing.emulator_stats()["launches"] == during
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_and_bfloat16_conversions_match_torch(dtype):
+    """The emulator's __float2half_rn / __float2bfloat16_rn and back, bit for bit against torch's
+    conversions: every float32 exponent with random mantissas, values at rounding ties,
+    subnormals of both formats, the overflow boundary, infinities, zeros and NaN."""
+    gen = torch.Generator().manual_seed(0)
+    exponents = torch.arange(-149, 128, dtype=torch.float64)
+    mantissas = 1 + torch.rand(len(exponents), 64, generator=gen, dtype=torch.float64)
+    values = (mantissas * torch.exp2(exponents)[:, None]).float().flatten()
+    one_ulp = torch.tensor([2.0**-10 if dtype == "float16" else 2.0**-7])
+    ties = (1 + (torch.arange(1, 200) - 0.5) * one_ulp).float()  # halfway between neighbours
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 65504.0, 65519.99, 65520.0, 65536.0,
+                            2.0**-24, 2.0**-25, 1.5 * 2.0**-25, 2.0**-14, 2.0**-14 * (1 - 2.0**-11),
+                            3.3895e38, 3.40282347e38, 1.1754944e-38, 1e-45])
+    x = torch.cat([values, -values, ties, -ties, special, -special])
+    got = torch.ops.lo_ops_cuda_emulator.round_trip(x, dtype)
+    want = x.to(getattr(torch, dtype)).float()
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    assert torch.isnan(torch.ops.lo_ops_cuda_emulator.round_trip(torch.tensor([float("nan")]), dtype)).all()
 
 
 # -- the CUDA ops under the emulator -------------------------------------------------------------
@@ -309,7 +330,7 @@ def test_optimizer_steps_through_the_emulated_kernels(kind):
 # [40, 2100] are cut into segments (r of the first reduces 1100 rows at 512 a segment, r of
 # the second 2100 at 2048 with a warp per output), and the fold adds 41 chunks.
 LARGE_STAND_INS = [(1100, 40), (40, 2100), (3, 700, 40)]
-# The real size the stand-ins stand for (GPT-2's token embedding): about 25 minutes under the
+# The real size the stand-ins stand for (GPT-2's token embedding): about 20 minutes under the
 # emulator on one core, so run only on request (LO_OPS_EMULATE_FULL_SIZE=1).
 FULL_SIZE = [(50257, 1024)]
 
@@ -318,7 +339,7 @@ FULL_SIZE = [(50257, 1024)]
     pytest.param(LARGE_STAND_INS, id="stand-ins"),
     pytest.param(FULL_SIZE, id="wte-50257x1024", marks=pytest.mark.skipif(
         os.environ.get("LO_OPS_EMULATE_FULL_SIZE") != "1",
-        reason="the full size takes about 25 minutes under the emulator; LO_OPS_EMULATE_FULL_SIZE=1 runs it")),
+        reason="the full size takes about 20 minutes under the emulator; LO_OPS_EMULATE_FULL_SIZE=1 runs it")),
 ])
 def test_large_tensors_match_cpu(shapes):
     emulated = _run_small_fc(_small_fc_args(shapes, torch.float32), "adversarial", seed=9)
@@ -328,3 +349,26 @@ def test_large_tensors_match_cpu(shapes):
     Xc, _, velo_cpu = _run_velo(*_velo_args(shapes, torch.float32))
     torch.testing.assert_close(Xe, Xc, rtol=1e-5, atol=1e-5)
     _assert_lists_close(velo_emulated[:7], velo_cpu[:7], torch.float32, "emulated CUDA vs CPU")
+
+
+@pytest.mark.parametrize("kind", ["small_fc_lopt", "velo"])
+def test_compiled_step_through_the_emulated_kernels(kind):
+    """torch.compile(opt.step, fullgraph=True) traces the ops (their fake kernels) and runs the
+    emulated CUDA kernels: one graph, equal to the eager CPU step."""
+    torch._dynamo.reset()
+    shapes = [(), (5,), (7, 5), (3, 4, 6)]
+    comp_params, cpu_params = make_params(shapes, non_contiguous=False), make_params(shapes, non_contiguous=False)
+    comp, cpu = _make(kind, comp_params, lr=0.5), _make(kind, cpu_params, lr=0.5)
+    counter = CountingBackend("aot_eager")
+    step = torch.compile(comp.step, backend=counter, fullgraph=True)
+    before = testing.emulator_stats()["launches"]
+    for k in range(4):
+        set_grads([comp_params, cpu_params], k)
+        loss = {} if kind == "small_fc_lopt" else {"loss": torch.tensor(2.0 + math.sin(k))}
+        with testing.cuda_emulation("lockstep"):
+            step(**loss)
+        cpu.step(**loss)
+    assert counter.graphs == 1
+    assert testing.emulator_stats()["launches"] > before
+    for p, q in zip(comp_params, cpu_params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -156,6 +156,18 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t dynami
 #define __shfl_xor_sync(...) \
   ::lo_ops::emulator::shuffle(__FILE__, __LINE__, ::lo_ops::emulator::Exchange::kXor, __VA_ARGS__)
 
+namespace lo_ops {
+namespace emulator {
+template <typename To, typename From>
+inline To bit_cast(From x) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast between types of one size");
+  To out;
+  std::memcpy(&out, &x, sizeof(out));
+  return out;
+}
+}  // namespace emulator
+}  // namespace lo_ops
+
 // Half and bfloat16 storage types with the device conversions (round to nearest even).
 struct __half {
   uint16_t bits;
@@ -170,21 +182,17 @@ inline float __half2float(__half h) {
   uint32_t bits;
   if (exponent == 0) {
     const float magnitude = static_cast<float>(mantissa) * 5.9604644775390625e-8f;  // 2^-24
-    std::memcpy(&bits, &magnitude, sizeof(bits));
-    bits |= sign;
+    bits = sign | lo_ops::emulator::bit_cast<uint32_t>(magnitude);
   } else if (exponent == 31) {
     bits = sign | 0x7f800000u | (mantissa << 13);
   } else {
     bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
   }
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
+  return lo_ops::emulator::bit_cast<float>(bits);
 }
 
 inline __half __float2half_rn(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, sizeof(x));
+  const uint32_t x = lo_ops::emulator::bit_cast<uint32_t>(f);
   const uint32_t sign = (x >> 16) & 0x8000u, magnitude = x & 0x7fffffffu;
   uint32_t h;
   if (magnitude > 0x7f800000u) {
@@ -206,15 +214,11 @@ inline __half __float2half_rn(float f) {
 }
 
 inline float __bfloat162float(__nv_bfloat16 b) {
-  const uint32_t bits = static_cast<uint32_t>(b.bits) << 16;
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
+  return lo_ops::emulator::bit_cast<float>(static_cast<uint32_t>(b.bits) << 16);
 }
 
 inline __nv_bfloat16 __float2bfloat16_rn(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, sizeof(x));
+  const uint32_t x = lo_ops::emulator::bit_cast<uint32_t>(f);
   if ((x & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{static_cast<uint16_t>((x >> 16) | 0x40u)};
   return __nv_bfloat16{static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16)};
 }

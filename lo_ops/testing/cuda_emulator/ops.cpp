@@ -38,6 +38,22 @@ std::vector<int64_t> stats_op() {
   return {s.launches, s.blocks, s.threads, s.switches, s.barriers, s.exchanges};
 }
 
+// x (float32) stored as `dtype` ("float16" or "bfloat16") with the device conversions and read
+// back as float32, for comparison with torch's own conversions.
+at::Tensor round_trip_op(const at::Tensor& x, const std::string& dtype) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "round_trip: x must be float32");
+  TORCH_CHECK(dtype == "float16" || dtype == "bfloat16", "round_trip: dtype must be float16 or bfloat16, got ",
+              dtype);
+  const at::Tensor in = x.contiguous();
+  at::Tensor out = at::empty_like(in);
+  const float* src = in.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  for (int64_t i = 0; i < in.numel(); ++i)
+    dst[i] = dtype == "float16" ? __half2float(__float2half_rn(src[i]))
+                                : __bfloat162float(__float2bfloat16_rn(src[i]));
+  return out;
+}
+
 std::vector<int64_t> table_capacity_op() {
   return {cuda::kMaxTensors, cuda::kMaxStatsTensors, static_cast<int64_t>(kParamBytes)};
 }
@@ -54,6 +70,8 @@ TORCH_LIBRARY(lo_ops_cuda_emulator, m) {
   // Tensors per launch table of the per-element kernels and of the statistics kernel, and the
   // bytes of kernel parameters the emulated CUDA runtime allows.
   m.def("table_capacity() -> int[]", &table_capacity_op);
+  // The emulator's float16 / bfloat16 device conversions, there and back (round to nearest even).
+  m.def("round_trip(Tensor x, str dtype) -> Tensor", &round_trip_op);
   // Runs one of the emulator's probe kernels (probes.cpp) on <<<blocks, threads>>> and returns
   // what it wrote, or raises the error the emulator detected.
   m.def("probe(str name, int blocks, int threads) -> Tensor", &run_probe);
