@@ -40,7 +40,7 @@ _EMULATOR_DIR = Path(__file__).resolve().parent / "cuda_emulator"
 _STATS = ("launches", "blocks", "threads", "switches", "barriers", "exchanges")
 
 _lock = threading.Lock()
-_loaded = False
+# The emulated ops' schema definitions, once loaded (they last as long as this object).
 _schemas: torch.library.Library | None = None
 
 
@@ -58,9 +58,9 @@ def _csrc() -> Path:
 
 def load_cuda_emulator(verbose: bool = False) -> None:
     """Builds (once, cached on disk) and loads the CUDA emulator and its emulated lo_ops ops."""
-    global _loaded, _schemas
+    global _schemas
     with _lock:
-        if _loaded:
+        if _schemas is not None:
             return
         from torch.utils.cpp_extension import load
 
@@ -85,7 +85,6 @@ def load_cuda_emulator(verbose: bool = False) -> None:
             schema = str(getattr(torch.ops.lo_ops, op).default._schema)
             lib.define(schema.split("::", 1)[1])
         _schemas = lib
-        _loaded = True
 
 
 def emulator_stats() -> dict[str, int]:
