@@ -5,8 +5,6 @@
 
 #include <cuda_runtime.h>
 
-#include <cmath>
-#include <functional>
 #include <map>
 #include <string>
 

@@ -94,7 +94,7 @@ struct Thread {
   ucontext_t context;
 #endif
   uint3 idx{0, 0, 0};
-  int linear = 0, warp = 0, lane = 0;
+  int warp = 0, lane = 0;
   State state = State::kReady;
   int barrier_result = 0;
   // The call this lane waits in (kWarp): its arguments, and its result once the call is done.
@@ -345,7 +345,6 @@ void run_block(uint3 block_idx) {
   for (unsigned i = 0; i < n; ++i) {
     Thread& t = e.threads[i];
     t.idx = uint3{i % e.block.x, (i / e.block.x) % e.block.y, i / (e.block.x * e.block.y)};
-    t.linear = static_cast<int>(i);
     t.warp = static_cast<int>(i / warpSize);
     t.lane = static_cast<int>(i % warpSize);
     e.warps[t.warp].exists |= 1u << t.lane;
