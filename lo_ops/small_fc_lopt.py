@@ -9,14 +9,26 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import reference
-from ._layout import effective_decays, state_shapes
+from . import _distributed, reference
+from ._layout import effective_decays, factored_axes, state_shapes, unpack_weights
 from ._optim import LearnedOptimizer, check_lr, check_weight_decay, split_buckets
 from .networks import check_decay_offsets, load_small_fc_lopt_network
 
 
 _STATE_KEYS_FACTORED = ("step", "momentum", "rms", "fac_row", "fac_col")
 _STATE_KEYS_DIAGONAL = ("step", "momentum", "rms", "fac_diag")
+
+
+def _local(p: Tensor) -> Tensor:
+    return p.to_local() if _distributed.is_dtensor(p) else p
+
+
+def _dropped_axis(p: Tensor, key: str) -> int | None:
+    """The parameter axis that state ``key`` does not have (fac_row: d0, fac_col: d1)."""
+    if key in ("fac_row", "fac_col"):
+        d0, d1 = factored_axes(p.shape)
+        return d0 if key == "fac_row" else d1
+    return None
 
 
 class SmallFCLOpt(LearnedOptimizer):
@@ -87,7 +99,9 @@ class SmallFCLOpt(LearnedOptimizer):
 
     # -- state --------------------------------------------------------------------------------
     def _init_group(self, group, params, grads, momentum, rms, fac_row, fac_col, fac_diag,
-                    state_steps):
+                    state_steps, sharded):
+        """Plain parameters go to the ops' lists; DTensor ones to ``sharded`` as
+        (reference.Slot of their local shards, step count)."""
         for i, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
@@ -97,10 +111,22 @@ class SmallFCLOpt(LearnedOptimizer):
                     f"{i} of its param group, shape {tuple(p.shape)}); use a dense gradient"
                 )
             state = self.state[p]
+            dtensor = _distributed.is_dtensor(p)
             if len(state) == 0:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["step"] = torch.zeros((), dtype=torch.float32, device=_local(p).device)
                 for key, shape in state_shapes(p.shape).items():
-                    state[key] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+                    state[key] = (_distributed.zeros_state(p, shape, dropped=_dropped_axis(p, key))
+                                  if dtensor else torch.zeros(shape, dtype=torch.float32, device=p.device))
+            if dtensor:
+                what = f"parameter {i} of its param group (shape {tuple(p.shape)})"
+                local = {k: v.to_local() for k, v in state.items() if k != "step"}
+                slot = reference.Slot(
+                    p.to_local(), _distributed.local_grad(p, what), local["momentum"], local["rms"],
+                    local.get("fac_row"), local.get("fac_col"), local.get("fac_diag"),
+                    _distributed.geometry(p, what),
+                )
+                sharded.append((slot, state["step"]))
+                continue
             params.append(p)
             grads.append(p.grad)
             momentum.append(state["momentum"])
@@ -120,7 +146,11 @@ class SmallFCLOpt(LearnedOptimizer):
                 loss = closure()
         for group in self.param_groups:
             params, grads, momentum, rms, fac_row, fac_col, fac_diag, steps = ([] for _ in range(8))
-            self._init_group(group, params, grads, momentum, rms, fac_row, fac_col, fac_diag, steps)
+            sharded = []
+            self._init_group(group, params, grads, momentum, rms, fac_row, fac_col, fac_diag, steps,
+                             sharded)
+            if sharded:
+                self._step_sharded(group, sharded)
             if not params:
                 continue
             buckets = split_buckets([params, grads, momentum, rms, fac_row, fac_col, fac_diag, steps])
@@ -134,6 +164,18 @@ class SmallFCLOpt(LearnedOptimizer):
                 fn(*lists, lr, weights, decays, float(group["weight_decay"]), self.step_mult,
                    self.exp_mult)
         return loss
+
+    def _step_sharded(self, group, sharded) -> None:
+        """The group's DTensor parameters: the phases on local shards, sums across ranks."""
+        slots = [slot for slot, _ in sharded]
+        device = slots[0].p.device
+        weights, decays = self._meta(device)
+        lr = group["lr"] if group["lr"].device == device else group["lr"].to(device)
+        reference.small_fc_lopt_slots(
+            slots, [step for _, step in sharded], lr=lr, weights=[unpack_weights(weights)] * len(slots),
+            decays=[decays] * len(slots), weight_decay=float(group["weight_decay"]),
+            step_mult=self.step_mult, exp_mult=self.exp_mult, reduce=_distributed.all_reduce_sums,
+        )
 
     def _expected_state(self, p: Tensor) -> dict[str, tuple[int, ...]]:
         return {"step": ()} | state_shapes(p.shape)

@@ -11,9 +11,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _distributed, reference
 from . import velo_reference as ref
-from ._layout import VELO_LOSS_BUFFER, VELO_LSTM_HIDDEN, VELO_RMIN_INIT, state_shapes
+from ._layout import VELO_DECAYS, VELO_LOSS_BUFFER, VELO_LSTM_HIDDEN, VELO_RMIN_INIT, state_shapes
 from ._optim import LearnedOptimizer, check_lr, check_weight_decay, split_buckets
+from .small_fc_lopt import _dropped_axis
 from .velo_networks import VeLONetwork, load_velo_network
 
 logger = logging.getLogger(__name__)
@@ -134,7 +136,9 @@ class VeLO(LearnedOptimizer):
         }
 
     def _init_group(self, group, params, grads, momentum, rms, fac_row, fac_col, fac_diag,
-                    hidden, cell):
+                    hidden, cell, slots):
+        """The ops' lists of the plain parameters, or (``slots`` not None: the optimizer has
+        DTensor parameters) every parameter as a reference.Slot of its local tensors."""
         for i, p in enumerate(group["params"]):
             if p.grad is None or p.numel() == 0:
                 continue
@@ -144,17 +148,33 @@ class VeLO(LearnedOptimizer):
                     f"{i} of its param group, shape {tuple(p.shape)}); use a dense gradient"
                 )
             state = self.state[p]
+            dtensor = _distributed.is_dtensor(p)
             if len(state) == 0:
                 for key, shape in state_shapes(p.shape).items():
-                    state[key] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+                    state[key] = (_distributed.zeros_state(p, shape, dropped=_dropped_axis(p, key))
+                                  if dtensor else torch.zeros(shape, dtype=torch.float32, device=p.device))
                 state["lstm_hidden"] = self._net.init_hidden[0].clone()
                 state["lstm_cell"] = self._net.init_cell[0].clone()
+            hidden.append(state["lstm_hidden"])
+            cell.append(state["lstm_cell"])
+            if dtensor:
+                what = f"parameter {i} of its param group (shape {tuple(p.shape)})"
+                local = {k: v.to_local() for k, v in state.items() if not k.startswith("lstm_")}
+                slots.append(reference.Slot(
+                    p.to_local(), _distributed.local_grad(p, what), local["momentum"], local["rms"],
+                    local.get("fac_row"), local.get("fac_col"), local.get("fac_diag"),
+                    _distributed.geometry(p, what),
+                ))
+                continue
+            if slots is not None:
+                slots.append(reference.Slot(p, p.grad, state["momentum"], state["rms"], state.get("fac_row"),
+                                            state.get("fac_col"), state.get("fac_diag"),
+                                            reference.Geometry.of(p)))
+                continue
             params.append(p)
             grads.append(p.grad)
             momentum.append(state["momentum"])
             rms.append(state["rms"])
-            hidden.append(state["lstm_hidden"])
-            cell.append(state["lstm_cell"])
             if p.dim() >= 2:
                 fac_row.append(state["fac_row"])
                 fac_col.append(state["fac_col"])
@@ -189,22 +209,44 @@ class VeLO(LearnedOptimizer):
                 "opt.step(closure) with a closure that returns the loss, or opt.step(loss=loss)"
             )
         loss_t = self._loss_tensor(loss) if self._device is not None else None
-        buckets = []
+        phased = any(_distributed.is_dtensor(p) for group in self.param_groups for p in group["params"])
+        buckets, hidden, cell, slots = [], [], [], []
         for group in self.param_groups:
-            lists = [[] for _ in range(9)]
-            self._init_group(group, *lists)
-            buckets.extend((group, b) for b in split_buckets(lists).values())
-        if not buckets:
+            lists = [[] for _ in range(7)]
+            group_slots = [] if phased else None
+            self._init_group(group, *lists, hidden, cell, group_slots)
+            if phased:
+                slots.extend((group, s) for s in group_slots)
+            else:
+                buckets.extend((group, b) for b in split_buckets(lists).values())
+        if not hidden:
             return closure_loss
-        fused = self._fused_for(self._device)
-        lstm_input = torch.ops.lo_ops.velo_lstm_input if fused else ref.velo_lstm_input
-        velo_step = torch.ops.lo_ops.velo_step_ if fused else ref.velo_step_
-
         vs = self.velo_state
         iteration = vs["iteration"]
         means, running_min, loss_features = ref.loss_buffer_update(
             vs["loss_means"], vs["loss_running_min"], iteration, loss_t, self._loss_decays
         )
+        old_hidden, old_cell = torch.stack(hidden), torch.stack(cell)
+        if phased:
+            finite, new_hidden, new_cell = self._step_phased(slots, loss_t, loss_features, old_hidden,
+                                                             old_cell)
+        else:
+            finite, new_hidden, new_cell = self._step_buckets(buckets, loss_t, loss_features, old_hidden,
+                                                              old_cell)
+        skip = ~finite
+        torch._foreach_copy_(hidden, torch.where(skip, old_hidden, new_hidden).unbind(0))
+        torch._foreach_copy_(cell, torch.where(skip, old_cell, new_cell).unbind(0))
+        vs["loss_means"].copy_(torch.where(skip, vs["loss_means"], means))
+        vs["loss_running_min"].copy_(torch.where(skip, vs["loss_running_min"], running_min))
+        iteration.add_(finite.float())
+        return closure_loss
+
+    def _step_buckets(self, buckets, loss_t, loss_features, old_hidden, old_cell):
+        """Plain parameters: the fused ops (or their reference) per (param group, dtype)."""
+        fused = self._fused_for(self._device)
+        lstm_input = torch.ops.lo_ops.velo_lstm_input if fused else ref.velo_lstm_input
+        velo_step = torch.ops.lo_ops.velo_step_ if fused else ref.velo_step_
+        iteration = self.velo_state["iteration"]
         rows, finite = [], torch.isfinite(loss_t)
         for _, b in buckets:
             X, grads_finite = lstm_input(b[0], b[1], b[2], b[3], loss_features, iteration,
@@ -212,9 +254,6 @@ class VeLO(LearnedOptimizer):
             rows.append(X)
             finite = finite & grads_finite
         skip = ~finite
-        hidden = [h for _, b in buckets for h in b[7]]
-        cell = [c for _, b in buckets for c in b[8]]
-        old_hidden, old_cell = torch.stack(hidden), torch.stack(cell)
         new_hidden, new_cell, controls, lr_mult = ref.per_tensor_network(
             torch.cat(rows), old_hidden, old_cell, self._net
         )
@@ -222,17 +261,55 @@ class VeLO(LearnedOptimizer):
         start = 0
         for group, b in buckets:
             end = start + len(b[0])
-            lr = group["lr"] if group["lr"].device == self._device else group["lr"].to(self._device)
-            velo_step(b[0], b[1], b[2], b[3], b[4], b[5], b[6], lr, mlp_weights[start:end],
+            velo_step(b[0], b[1], b[2], b[3], b[4], b[5], b[6], self._lr(group), mlp_weights[start:end],
                       lr_mult[start:end], skip, float(group["weight_decay"]), self.step_mult,
                       self.exp_mult)
             start = end
-        torch._foreach_copy_(hidden, torch.where(skip, old_hidden, new_hidden).unbind(0))
-        torch._foreach_copy_(cell, torch.where(skip, old_cell, new_cell).unbind(0))
-        vs["loss_means"].copy_(torch.where(skip, vs["loss_means"], means))
-        vs["loss_running_min"].copy_(torch.where(skip, vs["loss_running_min"], running_min))
-        iteration.add_(finite.float())
-        return closure_loss
+        return finite, new_hidden, new_cell
+
+    def _step_phased(self, slots, loss_t, loss_features, old_hidden, old_cell):
+        """With DTensor parameters: the reference's phases on local shards, each phase's sums
+        completed across ranks in one collective per process group (lo_ops._distributed).
+        The LSTM input of every tensor comes from its global sums, so every rank runs the
+        per-tensor network on the same T rows and gets the same controls."""
+        reduce = _distributed.all_reduce_sums
+        groups, slots = [g for g, _ in slots], [s for _, s in slots]
+        tensors = ref.slot_tensors(slots)
+        saved = [t.clone() for t in tensors]
+        decays = [torch.tensor(VELO_DECAYS, dtype=torch.float32, device=self._device)] * len(slots)
+        g32s = [s.g32(clip=1000.0) for s in slots]
+        p32s = [s.p32() for s in slots]
+        n_gsq = 2 * sum(1 for s in slots if s.geo.factored)
+        first = reduce(reference.gsq_phase(slots, g32s)
+                       + [ref.lstm_sums(s.p, s.g, s.momentum, s.rms, s.geo) for s in slots])
+        gsq, sums = first[:n_gsq], first[n_gsq:]
+        n_rows = n_gsq // 2
+        second = reduce(reference.factored_phase(slots, decays, gsq) + [
+            ref.lstm_spreads(s.momentum, s.rms, ref.momentum_means(total, s.geo), s.geo)
+            for s, total in zip(slots, sums)
+        ])
+        row_sums, spreads = second[:n_rows], second[n_rows:]
+        shared = torch.cat([ref.time_features(self.velo_state["iteration"], float(self.num_steps)),
+                            loss_features])
+        X = torch.stack([ref.lstm_row(shared, total, spread, s.geo)
+                         for s, total, spread in zip(slots, sums, spreads)])
+        nonfinite = torch.stack([total[5] for total in sums]).sum()
+        finite = torch.isfinite(loss_t) & (nonfinite == 0)
+        new_hidden, new_cell, controls, lr_mult = ref.per_tensor_network(X, old_hidden, old_cell, self._net)
+        mlp_weights = ref.blend_mlp_weights(controls, self._mlp_sets)
+        feature_fn = lambda i, g32, acc: ref.features(g32, p32s[i], acc)  # noqa: E731
+        accs, partial = reference.feature_phase(slots, g32s, decays, row_sums, feature_fn)
+        for i, (s, acc, total) in enumerate(zip(slots, accs, reduce(partial))):
+            group = groups[i]
+            ref.element_step(s, feature_fn(i, g32s[i], acc), p32s[i], total, mlp_weights[i], lr_mult[i],
+                             lr=self._lr(group), weight_decay=float(group["weight_decay"]),
+                             step_mult=self.step_mult, exp_mult=self.exp_mult)
+        ref.keep_if(~finite, tensors, saved)
+        return finite, new_hidden, new_cell
+
+    def _lr(self, group) -> Tensor:
+        lr = group["lr"]
+        return lr if lr.device == self._device else lr.to(self._device)
 
     # -- state_dict ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -23,7 +23,20 @@ from ._layout import (
     VELO_TIME_OFFSETS,
     unpack_velo_mlp,
 )
-from .reference import factored_state, update_accumulators
+from .reference import (
+    Geometry,
+    PartialSum,
+    Reduce,
+    Slot,
+    apply_update,
+    factored_phase,
+    feature_phase,
+    gsq_phase,
+    local_sums,
+    mlp,
+    normalise,
+    slots_of,
+)
 
 _MLP_BLEND_SCALE = 100.0 / VELO_PARAM_INITS  # 100 * mean over the weight sets
 
@@ -61,43 +74,64 @@ def _cla(x: Tensor) -> Tensor:
     return 0.5 * torch.clamp(torch.log(1e-8 + (10 * x).abs()), -5, 5)
 
 
-def _mean(x: Tensor, dim=None) -> Tensor:
-    """Mean that is 0 over no elements (an empty parameter)."""
-    n = x.numel() if dim is None else x.shape[dim]
-    return (x.sum() if dim is None else x.sum(dim=dim)) / max(n, 1)
-
-
 def time_features(iteration: Tensor, num_steps: float) -> Tensor:
     q = torch.tensor(VELO_TIME_OFFSETS, dtype=torch.float32, device=iteration.device)
     return torch.tanh(10 * (iteration.float() / num_steps - q))
 
 
+def lstm_sums(p: Tensor, g: Tensor, momentum: Tensor, rms: Tensor, geo: Geometry) -> PartialSum:
+    """The plain sums behind a tensor's LSTM input, float64 ``[6]``: sum p^2, sum m_k (3),
+    sum v, and the number of non-finite gradient elements."""
+    p64 = p.double().reshape(-1)
+    return torch.cat([
+        (p64 * p64).sum()[None], momentum.double().reshape(3, -1).sum(dim=1), rms.double().sum()[None],
+        (~torch.isfinite(g)).sum().double()[None],
+    ]), geo.all_groups()
+
+
+def momentum_means(sums: Tensor, geo: Geometry) -> Tensor:
+    """The momentum means ``[3]`` (float64) from the complete ``lstm_sums``."""
+    return sums[1:4] / max(geo.numel, 1)
+
+
+def lstm_spreads(momentum: Tensor, rms: Tensor, mu: Tensor, geo: Geometry) -> PartialSum:
+    """Sums of squares about the tensor's momentum means ``mu``, float64 ``[6]``:
+    sum (m_k - mu_k)^2 (3) and sum (v - mu_k)^2 (3)."""
+    m = momentum.double().reshape(3, -1)
+    v = rms.double().reshape(1, -1)
+    return torch.cat([((m - mu[:, None]) ** 2).sum(dim=1), ((v - mu[:, None]) ** 2).sum(dim=1)]), geo.all_groups()
+
+
+def lstm_row(shared: Tensor, sums: Tensor, spreads: Tensor, geo: Geometry) -> Tensor:
+    """A tensor's 30 LSTM inputs: ``shared`` (time and loss features, [18]), then the ones
+    from its complete sums. ``s = rsqrt(max(1e-9, mean p^2))`` scales m and v by s (their
+    second moments by s^2). Over no elements the means are 0."""
+    n = max(geo.numel, 1)
+    s = torch.rsqrt(torch.clamp((sums[0] / n).float(), min=1e-9))
+    onehot = torch.zeros(5, dtype=torch.float32, device=shared.device)
+    dims = sum(1 for d in geo.shape if d > 1)
+    if dims < 5:
+        onehot[dims] = 1.0
+    return torch.cat([
+        shared, _cla((sums[4] / n).float() * s)[None], onehot,
+        _cla((spreads[0:3] / n).float() * (s * s)), _cla((spreads[3:6] / n).float() * (s * s)),
+    ])
+
+
 @torch.no_grad()
 def velo_lstm_input(params, grads, momentum, rms, loss_features, iteration, num_steps):
     """Reference of ``lo_ops::velo_lstm_input``: ``(X [T, 30], all grads finite)``."""
-    time = time_features(iteration.reshape(()), float(num_steps))
-    rows = []
-    for p, m, v in zip(params, momentum, rms):
-        p32 = p.float().reshape(-1)
-        s = torch.rsqrt(torch.clamp(_mean(p32 * p32), min=1e-9))
-        ms = m.reshape(3, -1) * s
-        vs = v.reshape(-1) * s
-        onehot = torch.zeros(5, dtype=torch.float32, device=p.device)
-        dims = sum(1 for d in p.shape if d > 1)
-        if dims < 5:
-            onehot[dims] = 1.0
-        m_mean = _mean(ms, dim=1)
-        rows.append(torch.cat([
-            time, loss_features.float(), _cla(_mean(vs))[None], onehot,
-            _cla(_mean((ms - m_mean[:, None]) ** 2, dim=1)),
-            _cla(_mean((vs[None] - m_mean[:, None]) ** 2, dim=1)),
-        ]))
     device = loss_features.device
+    shared = torch.cat([time_features(iteration.reshape(()), float(num_steps)), loss_features.float()])
+    geos = [Geometry.of(p) for p in params]
+    sums = [lstm_sums(p, g, m, v, geo)[0] for p, g, m, v, geo in zip(params, grads, momentum, rms, geos)]
+    rows = []
+    for m, v, total, geo in zip(momentum, rms, sums, geos):
+        spreads = lstm_spreads(m, v, momentum_means(total, geo), geo)[0]
+        rows.append(lstm_row(shared, total, spreads, geo))
     X = torch.stack(rows) if rows else torch.zeros(0, 30, device=device)
-    finite = torch.ones((), dtype=torch.bool, device=device)
-    for g in grads:
-        finite = finite & torch.isfinite(g).all()
-    return X, finite
+    nonfinite = sum((total[5] for total in sums), torch.zeros((), dtype=torch.float64, device=device))
+    return X, nonfinite == 0
 
 
 # -- the per-tensor network (spec 3.3, 3.4) -------------------------------------------------------
@@ -124,36 +158,60 @@ def blend_mlp_weights(controls: Tensor, mlp_sets: Tensor) -> Tensor:
 
 
 # -- per-element features and update (spec 3.5) ----------------------------------------------------
-@torch.no_grad()
-def velo_update(p, g, momentum, rms, fac_row, fac_col, fac_diag, *, lr, mlp, lr_mult,
-                weight_decay, step_mult, exp_mult):
-    """One VeLO step for one tensor with its blended MLP ``mlp`` ([159]) and ``lr_mult`` (0-d)."""
-    if p.numel() == 0:
-        return
-    shape = p.shape if p.dim() > 0 else torch.Size([1])
-    g32 = torch.clamp(g.float().reshape(shape), -1000, 1000)
-    p32 = p.float().reshape(shape)
-    param_scale = torch.sqrt((p32 * p32).mean() + 1e-9)
-    decays = torch.tensor(VELO_DECAYS, dtype=torch.float32, device=p.device)
-    acc = update_accumulators(g32, momentum, rms, fac_row, fac_col, fac_diag, decays, shape)
+def features(g32: Tensor, p32: Tensor, acc: dict[str, Tensor]) -> Tensor:
+    """The 30 un-normalised features of spec 3.5, ``[n, 30]`` in channel order."""
     m, v = acc["m"], acc["v"]
-    fac_mom = m * (acc["factor"] if p.dim() >= 2 else torch.rsqrt(acc["u"]))  # no epsilon
+    fac_mom = m * (acc["factor"] if "factor" in acc else torch.rsqrt(acc["u"]))  # no epsilon
     v_rsqrt = torch.rsqrt(v + 1e-6)
-    feats = torch.cat([
+    return torch.cat([
         g32[None], torch.clamp(g32, -0.1, 0.1)[None], p32[None], m, v[None], m * v_rsqrt,
         v_rsqrt[None], acc["fac_g"], (g32 * v_rsqrt)[None],
         acc["row"], acc["col"], acc["row_rsqrt"], acc["col_rsqrt"], fac_mom,
     ]).reshape(VELO_NUM_FEATURES, -1).T
-    feats = feats * torch.rsqrt(1e-5 + feats.square().mean(dim=0))
-    w0, b0, w1, b1, w2, b2 = unpack_velo_mlp(mlp)
-    h = torch.relu(feats @ w0.T + b0)
-    h = torch.relu(h @ w1.T + b1)
-    out = h @ w2.T + b2
+
+
+_P_CHANNEL = 2  # the p channel: its sum of squares is sum p^2
+
+
+@torch.no_grad()
+def velo_slots(slots: list[Slot], *, lr, mlp_weights: Tensor, lr_mult: Tensor, weight_decay, step_mult,
+               exp_mult, reduce: Reduce = local_sums) -> None:
+    """One VeLO per-element step of every slot, with slot i's blended MLP ``mlp_weights[i]``
+    and ``lr_mult[i]`` (slots of no elements are left as they are)."""
+    keep = [i for i, s in enumerate(slots) if s.geo.numel > 0]
+    slots = [slots[i] for i in keep]
+    if not slots:
+        return
+    decays = [torch.tensor(VELO_DECAYS, dtype=torch.float32, device=slots[0].p.device)] * len(slots)
+    g32s = [s.g32(clip=1000.0) for s in slots]
+    p32s = [s.p32() for s in slots]
+    feature_fn = lambda i, g32, acc: features(g32, p32s[i], acc)  # noqa: E731
+    row_sums = reduce(factored_phase(slots, decays, reduce(gsq_phase(slots, g32s))))
+    accs, partial = feature_phase(slots, g32s, decays, row_sums, feature_fn)
+    for i, (s, acc, sums) in enumerate(zip(slots, accs, reduce(partial))):
+        element_step(s, feature_fn(i, g32s[i], acc), p32s[i], sums, mlp_weights[keep[i]], lr_mult[keep[i]],
+                     lr=lr, weight_decay=weight_decay, step_mult=step_mult, exp_mult=exp_mult)
+
+
+def element_step(s: Slot, feats: Tensor, p32: Tensor, sums: Tensor, mlp_weights: Tensor, lr_mult: Tensor, *,
+                 lr, weight_decay, step_mult, exp_mult) -> None:
+    """The update of one slot from its features and their complete sums of squares."""
+    out = mlp(normalise(feats, sums, s.geo), unpack_velo_mlp(mlp_weights))
     direction, magnitude = out[:, 0], out[:, 1]
+    param_scale = torch.sqrt((sums[_P_CHANNEL] / s.geo.numel).float() + 1e-9)
     step = lr_mult * direction * param_scale * torch.exp(exp_mult * magnitude) * step_mult
-    new_p = p32 - lr * step.view(shape)
-    new_p = new_p - lr * weight_decay * new_p
-    p.copy_(new_p.view(p.shape))
+    apply_update(s.p, p32, step, lr, weight_decay)
+
+
+def slot_tensors(slots: list[Slot]) -> list[Tensor]:
+    """Everything a step may change: parameters and state."""
+    return [t for s in slots for t in (s.p, s.momentum, s.rms, s.row, s.col, s.diag) if t is not None]
+
+
+def keep_if(skip: Tensor, tensors: list[Tensor], saved: list[Tensor]) -> None:
+    """Where ``skip`` (a bool scalar) is true, ``tensors`` get ``saved`` back (no host sync)."""
+    for t, old in zip(tensors, saved):
+        t.copy_(torch.where(skip, old, t))
 
 
 @torch.no_grad()
@@ -164,13 +222,9 @@ def velo_step_(params, grads, momentum, rms, fac_row, fac_col, fac_diag, lr, mlp
     ``skip`` (bool, one element): when true nothing changes. Selected with ``torch.where``,
     so there is no host sync.
     """
-    lr = lr.float().reshape(())
-    keep = skip.reshape(()).bool()
-    for i, p, row, col, diag in factored_state(params, fac_row, fac_col, fac_diag):
-        tensors = [t for t in (p, momentum[i], rms[i], row, col, diag) if t is not None]
-        saved = [t.clone() for t in tensors]
-        velo_update(p, grads[i], momentum[i], rms[i], row, col, diag, lr=lr, mlp=mlp_weights[i],
-                    lr_mult=lr_mult[i], weight_decay=weight_decay, step_mult=step_mult,
-                    exp_mult=exp_mult)
-        for t, old in zip(tensors, saved):
-            t.copy_(torch.where(keep, old, t))
+    slots = slots_of(params, grads, momentum, rms, fac_row, fac_col, fac_diag)
+    tensors = slot_tensors(slots)
+    saved = [t.clone() for t in tensors]
+    velo_slots(slots, lr=lr.float().reshape(()), mlp_weights=mlp_weights, lr_mult=lr_mult,
+               weight_decay=weight_decay, step_mult=step_mult, exp_mult=exp_mult)
+    keep_if(skip.reshape(()).bool(), tensors, saved)

@@ -1,0 +1,62 @@
+"""Runs test cases in spawned gloo processes on 127.0.0.1 and compares ranks with one process.
+
+``spawn(world_size, fn, *args)`` starts ``world_size`` processes that each call
+``fn(rank, world_size, *args)`` inside an initialised process group; an exception in any rank
+fails the calling test with that rank's traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world_size, port, fn, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(world_size: int, fn, *args) -> None:
+    mp.spawn(_entry, args=(world_size, _free_port(), fn, args), nprocs=world_size, join=True)
+
+
+def tmpdir() -> str:
+    return tempfile.mkdtemp(prefix="lo_ops_dist_")
+
+
+def make_tensors(shapes, dtype=torch.float32, seed=0, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(s, generator=gen) * scale).to(dtype) for s in shapes]
+
+
+def local_part(full: torch.Tensor, like):
+    """The part of ``full`` that DTensor ``like``'s placements give this rank (no communication)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.detach(), like.device_mesh, like.placements, src_data_rank=None).to_local()
+
+
+def assert_replicas_equal(t: torch.Tensor, group=None, what: str = "") -> None:
+    """Every rank of ``group`` holds bitwise the same ``t``."""
+    gathered = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, t.contiguous(), group=group)
+    for r, other in enumerate(gathered):
+        assert torch.equal(other, t), f"{what}: rank {r} differs from rank {dist.get_rank()}"

@@ -1,0 +1,142 @@
+"""lo_ops optimizers on sharded (DTensor) parameters equal the single-process optimizer.
+
+Every case runs in spawned gloo processes on 127.0.0.1. Each rank steps a DTensor copy of the
+parameters and, on the full tensors, the single-process optimizer, then checks its own slice:
+element-wise state (momentum, rms, fac_diag) bitwise, the factored state within 1e-6
+relative, the parameters bitwise (what these cases give; the assertion allows 1e-6 of the
+step's size), and every replicated value bitwise equal across the ranks that replicate it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distributed_helpers import assert_replicas_equal, local_part, make_tensors, spawn
+
+# Uneven and empty shards at W=3 ([2, 9] on Shard(0): 1, 1, 0 rows), a 0-d and a [1] tensor,
+# > 4096 elements, square and 3-d tensors whose factored axes are not the sharded one.
+SHAPES = [(37, 5), (5, 37), (3, 20, 7), (7,), (2, 9), (1,), (), (70, 80), (4100,), (6, 6), (4, 5, 3, 2)]
+STEPS = 4
+
+
+def _placements(kind: str, shape, mesh_ndim: int):
+    """FSDP2-like Shard(0); tensor parallel Shard(last axis) (Replicate for 1-d tensors, as TP
+    keeps norms); HSDP (Replicate, Shard(0)); FSDP + TP (Shard(0), Shard(last)) and FSDP over
+    column-parallel TP (_StridedShard(0), Shard(0))."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    nd = len(shape)
+    if nd == 0:
+        return [Replicate()] * mesh_ndim
+    if kind == "fsdp":
+        return [Shard(0)]
+    if kind == "tp":
+        return [Shard(nd - 1)] if nd >= 2 else [Replicate()]
+    if kind == "hsdp":
+        return [Replicate(), Shard(0)]
+    if kind == "fsdp_tp":
+        return [Shard(0), Shard(nd - 1)] if nd >= 2 else [Shard(0), Replicate()]
+    if kind == "fsdp_over_colwise_tp":
+        return [_StridedShard(0, split_factor=2), Shard(0)]
+    raise ValueError(kind)
+
+
+def _make_opt(name, params, fused, velo_fixture):
+    import lo_ops
+
+    if name == "small_fc_lopt":
+        return lo_ops.SmallFCLOpt(params, lr=0.7, weight_decay=0.01, fused=fused)
+    return lo_ops.VeLO(params, num_steps=20, lr=0.9, weight_decay=0.01, pretrained=velo_fixture, fused=fused)
+
+
+def _step(opt, name, k):
+    if name == "velo":
+        opt.step(loss=torch.tensor(2.0 / (k + 1)))
+    else:
+        opt.step()
+
+
+def _check_replicated(value, mesh, what):
+    """For each mesh dimension that replicates ``value``, its local parts agree bitwise."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(value, DTensor):
+        assert_replicas_equal(value, what=what)
+        return
+    for d, placement in enumerate(value.placements):
+        if placement.is_replicate() and mesh.size(d) > 1:
+            assert_replicas_equal(value.to_local(), group=mesh.get_group(d), what=f"{what} (mesh dim {d})")
+
+
+def _sharded_case(rank, world, name, kind, mesh_shape, dtype, fused, velo_fixture):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    mesh = init_device_mesh("cpu", mesh_shape)
+    full = make_tensors(SHAPES, dtype)
+    ref_params = [torch.nn.Parameter(t.clone()) for t in full]
+    params = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, _placements(kind, t.shape, mesh.ndim),
+                                                   src_data_rank=None)) for t in full]
+    ref = _make_opt(name, ref_params, False, velo_fixture)
+    opt = _make_opt(name, params, fused, velo_fixture)
+    for k in range(STEPS):
+        grads = make_tensors(SHAPES, dtype, seed=100 + k, scale=0.1)
+        before = [p.detach().clone() for p in ref_params]
+        for p, q, g in zip(ref_params, params, grads):
+            p.grad = g.clone()
+            q.grad = distribute_tensor(g.clone(), mesh, q.placements, src_data_rank=None)
+        _step(ref, name, k)
+        _step(opt, name, k)
+        for i, (p, q, old) in enumerate(zip(ref_params, params, before)):
+            what = f"{name} {kind} step {k} param {i} {tuple(p.shape)}"
+            expected, got = local_part(p, q), q.to_local()
+            step_size = (p.detach().float() - old.float()).abs().max().item()
+            diff = (expected.float() - got.float()).abs().max().item() if got.numel() else 0.0
+            assert diff <= 1e-6 * step_size, f"{what}: |param - single process| = {diff:g}, step {step_size:g}"
+            _check_replicated(q, mesh, what)
+    for i, (p, q) in enumerate(zip(ref_params, params)):
+        for key, value in ref.state[p].items():
+            what = f"{name} {kind} param {i} {tuple(p.shape)} state {key}"
+            got = opt.state[q][key]
+            _check_replicated(got, mesh, what)
+            if key in ("step", "lstm_hidden", "lstm_cell"):  # replicated, plain tensors
+                assert torch.equal(got, value), what
+                continue
+            assert got.shape == value.shape and got.dtype == torch.float32, what
+            expected, local = local_part(value, got), got.to_local()
+            if key in ("momentum", "rms", "fac_diag"):
+                assert torch.equal(local, expected), what
+            else:
+                torch.testing.assert_close(local, expected, rtol=1e-6, atol=0, msg=lambda m: f"{what}: {m}")
+    if name == "velo":
+        for key, value in opt.velo_state.items():
+            assert torch.equal(value, ref.velo_state[key]), key
+            assert_replicas_equal(value, what=key)
+
+
+@pytest.fixture(scope="module")
+def velo_fixture_dir():
+    from conftest import FIXTURES, _need
+
+    return str(_need(FIXTURES / "velo_init" / "pylo_hub"))
+
+
+@pytest.mark.parametrize("name", ["small_fc_lopt", "velo"])
+@pytest.mark.parametrize("world", [2, 3])
+def test_fsdp_and_tp_shards_equal_one_process(world, name, velo_fixture_dir):
+    cases = [(name, kind, (world,), dtype, None) for kind in ("fsdp", "tp")
+             for dtype in (torch.float32, torch.bfloat16)]
+    spawn(world, _run_cases, cases, velo_fixture_dir)
+
+
+def _run_cases(rank, world, cases, velo_fixture):
+    for case in cases:
+        _sharded_case(rank, world, *case, velo_fixture)
+
+
+def test_2d_meshes_hsdp_and_fsdp_tp_at_4_ranks(velo_fixture_dir):
+    cases = [(name, kind, (2, 2), torch.float32, None) for name in ("small_fc_lopt", "velo")
+             for kind in ("hsdp", "fsdp_tp", "fsdp_over_colwise_tp")]
+    spawn(4, _run_cases, cases, velo_fixture_dir)
