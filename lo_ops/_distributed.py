@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .reference import Geometry, PartialSum
+from .reference import Geometry, PartialSum, Slot, slots_of
 
 try:
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -58,9 +58,14 @@ def geometry(p: Tensor, what: str) -> Geometry:
     return Geometry(shape, tuple(tuple(g) for g in axis_groups))
 
 
-def local_grad(p: Tensor, what: str) -> Tensor:
-    """The local shard of ``p.grad``, laid out like ``p`` (redistributed if it is not)."""
-    g = p.grad
+def local(t: Tensor) -> Tensor:
+    """The local part of a DTensor; a plain tensor as it is."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def local_grad(p: Tensor, g: Tensor, what: str) -> Tensor:
+    """The local shard of gradient ``g`` of DTensor ``p``, laid out like ``p`` (redistributed
+    if it is not)."""
     if not is_dtensor(g):
         raise ValueError(
             f"{what} is a DTensor but its .grad is a {type(g).__name__}; set a DTensor gradient "
@@ -71,6 +76,18 @@ def local_grad(p: Tensor, what: str) -> Tensor:
     if tuple(g.placements) != tuple(p.placements):
         g = g.redistribute(p.device_mesh, p.placements)
     return g.to_local()
+
+
+def local_slots(lists: list[list[Tensor]], geometries: list[Geometry]) -> list[Slot]:
+    """The ops' lists ``[params, grads, momentum, rms, fac_row, fac_col, fac_diag]`` (DTensors
+    or plain tensors) as reference slots of their local parts, with each parameter's geometry."""
+    params, grads = lists[0], lists[1]
+    local_grads = [
+        local_grad(p, g, f"parameter of shape {tuple(p.shape)}") if is_dtensor(p) else g
+        for p, g in zip(params, grads)
+    ]
+    others = [[local(t) for t in ts] for ts in lists[2:]]
+    return slots_of([local(p) for p in params], local_grads, *others, geometries=geometries)
 
 
 def _state_placement(placement, dropped: int | None, channel: bool):

@@ -46,6 +46,14 @@ def state_shapes(shape: Sequence[int]) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def dropped_axis(shape: Sequence[int], key: str) -> int | None:
+    """The parameter axis that state ``key`` does not have (fac_row: d0, fac_col: d1)."""
+    if key in ("fac_row", "fac_col"):
+        d0, d1 = factored_axes(shape)
+        return d0 if key == "fac_row" else d1
+    return None
+
+
 def pack_weights(weights: Sequence[torch.Tensor]) -> torch.Tensor:
     """Flattens (W0, b0, W1, b1, W2, b2) into the vector the kernels read."""
     if len(weights) != len(PACKED_SHAPES):

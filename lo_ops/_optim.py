@@ -10,6 +10,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import _distributed
+from .reference import Geometry, Slot
+
 logger = logging.getLogger(__name__)
 
 
@@ -26,6 +29,7 @@ class LearnedOptimizer(Optimizer):
             raise ValueError(f"fused must be None, True or False, got {fused!r}")
         self.fused = fused
         self._use_fused: dict[str, bool] = {}
+        self._geometry: dict[Tensor, Geometry] = {}  # per parameter, from its global shape
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -48,8 +52,16 @@ class LearnedOptimizer(Optimizer):
                     f"{name} needs floating-point parameters (param_groups[{gi}], "
                     f"parameter {pi}, dtype {p.dtype})"
                 )
-            self._fused_for(p.device)
+            if _distributed.is_dtensor(p):
+                self._geometry[p] = _distributed.geometry(p, f"param_groups[{gi}] parameter {pi}")
+            else:
+                self._geometry[p] = Geometry.of(p)
+            self._fused_for(_distributed.local(p).device)
         place_lr(group)
+
+    def _local_slots(self, lists: list[list[Tensor]]) -> list[Slot]:
+        """Reference slots of the local parts of the ops' lists (see _distributed.local_slots)."""
+        return _distributed.local_slots(lists, [self._geometry[p] for p in lists[0]])
 
     def _expected_state(self, p: Tensor) -> dict[str, tuple[int, ...]]:
         """The state keys of parameter ``p`` and their shapes (all float32)."""
@@ -141,7 +153,7 @@ def place_lr(group: dict[str, Any]) -> None:
     """Makes group["lr"] a float32 0-d tensor, on the parameters' device when they share one."""
     lr = group["lr"]
     lr = lr.detach().reshape(()).float() if isinstance(lr, Tensor) else torch.tensor(float(lr))
-    devices = {p.device for p in group["params"]}
+    devices = {_distributed.local(p).device for p in group["params"]}
     if len(devices) == 1:
         lr = lr.to(next(iter(devices)))
     group["lr"] = lr

@@ -10,25 +10,13 @@ import torch
 from torch import Tensor, nn
 
 from . import _distributed, reference
-from ._layout import effective_decays, factored_axes, state_shapes, unpack_weights
+from ._layout import dropped_axis, effective_decays, state_shapes, unpack_weights
 from ._optim import LearnedOptimizer, check_lr, check_weight_decay, split_buckets
 from .networks import check_decay_offsets, load_small_fc_lopt_network
 
 
 _STATE_KEYS_FACTORED = ("step", "momentum", "rms", "fac_row", "fac_col")
 _STATE_KEYS_DIAGONAL = ("step", "momentum", "rms", "fac_diag")
-
-
-def _local(p: Tensor) -> Tensor:
-    return p.to_local() if _distributed.is_dtensor(p) else p
-
-
-def _dropped_axis(p: Tensor, key: str) -> int | None:
-    """The parameter axis that state ``key`` does not have (fac_row: d0, fac_col: d1)."""
-    if key in ("fac_row", "fac_col"):
-        d0, d1 = factored_axes(p.shape)
-        return d0 if key == "fac_row" else d1
-    return None
 
 
 class SmallFCLOpt(LearnedOptimizer):
@@ -88,7 +76,7 @@ class SmallFCLOpt(LearnedOptimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         for p in self.param_groups[-1]["params"]:
-            self._meta(p.device)  # created now, so that a compiled step finds it unchanged
+            self._meta(_distributed.local(p).device)  # created now, so that a compiled step finds it unchanged
 
     def _meta(self, device: torch.device) -> tuple[Tensor, Tensor]:
         if device not in self._meta_cache:
@@ -98,10 +86,11 @@ class SmallFCLOpt(LearnedOptimizer):
         return self._meta_cache[device]
 
     # -- state --------------------------------------------------------------------------------
-    def _init_group(self, group, params, grads, momentum, rms, fac_row, fac_col, fac_diag,
-                    state_steps, sharded):
-        """Plain parameters go to the ops' lists; DTensor ones to ``sharded`` as
-        (reference.Slot of their local shards, step count)."""
+    def _init_group(self, group, *lists):
+        """Appends each parameter with a gradient, its gradient, state and step count to the
+        ops' lists (``lists[:8]``: params, grads, momentum, rms, fac_row, fac_col, fac_diag,
+        steps), or, when it is a DTensor, to the same lists in ``lists[8:]``. (Flat list
+        arguments, as torch.compile traces ``_init_group`` of an optimizer.)"""
         for i, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
@@ -113,25 +102,16 @@ class SmallFCLOpt(LearnedOptimizer):
             state = self.state[p]
             dtensor = _distributed.is_dtensor(p)
             if len(state) == 0:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=_local(p).device)
+                state["step"] = torch.zeros((), dtype=torch.float32, device=_distributed.local(p).device)
                 for key, shape in state_shapes(p.shape).items():
-                    state[key] = (_distributed.zeros_state(p, shape, dropped=_dropped_axis(p, key))
+                    state[key] = (_distributed.zeros_state(p, shape, dropped=dropped_axis(p.shape, key))
                                   if dtensor else torch.zeros(shape, dtype=torch.float32, device=p.device))
-            if dtensor:
-                what = f"parameter {i} of its param group (shape {tuple(p.shape)})"
-                local = {k: v.to_local() for k, v in state.items() if k != "step"}
-                slot = reference.Slot(
-                    p.to_local(), _distributed.local_grad(p, what), local["momentum"], local["rms"],
-                    local.get("fac_row"), local.get("fac_col"), local.get("fac_diag"),
-                    _distributed.geometry(p, what),
-                )
-                sharded.append((slot, state["step"]))
-                continue
+            params, grads, momentum, rms, fac_row, fac_col, fac_diag, steps = lists[8:] if dtensor else lists[:8]
             params.append(p)
             grads.append(p.grad)
             momentum.append(state["momentum"])
             rms.append(state["rms"])
-            state_steps.append(state["step"])
+            steps.append(state["step"])
             if p.dim() >= 2:
                 fac_row.append(state["fac_row"])
                 fac_col.append(state["fac_col"])
@@ -145,34 +125,31 @@ class SmallFCLOpt(LearnedOptimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params, grads, momentum, rms, fac_row, fac_col, fac_diag, steps = ([] for _ in range(8))
-            sharded = []
-            self._init_group(group, params, grads, momentum, rms, fac_row, fac_col, fac_diag, steps,
-                             sharded)
-            if sharded:
+            lists, sharded = [[] for _ in range(8)], [[] for _ in range(8)]
+            self._init_group(group, *lists, *sharded)
+            if sharded[0]:
                 self._step_sharded(group, sharded)
-            if not params:
+            if not lists[0]:
                 continue
-            buckets = split_buckets([params, grads, momentum, rms, fac_row, fac_col, fac_diag, steps])
-            for (device, _), lists in buckets.items():
+            for (device, _), bucket in split_buckets(lists).items():
                 weights, decays = self._meta(device)
                 lr = group["lr"] if group["lr"].device == device else group["lr"].to(device)
                 if self._fused_for(device):
                     fn = torch.ops.lo_ops.small_fc_lopt_step_
                 else:
                     fn = reference.small_fc_lopt_step_
-                fn(*lists, lr, weights, decays, float(group["weight_decay"]), self.step_mult,
+                fn(*bucket, lr, weights, decays, float(group["weight_decay"]), self.step_mult,
                    self.exp_mult)
         return loss
 
     def _step_sharded(self, group, sharded) -> None:
         """The group's DTensor parameters: the phases on local shards, sums across ranks."""
-        slots = [slot for slot, _ in sharded]
+        slots = self._local_slots(sharded[:7])
         device = slots[0].p.device
         weights, decays = self._meta(device)
         lr = group["lr"] if group["lr"].device == device else group["lr"].to(device)
         reference.small_fc_lopt_slots(
-            slots, [step for _, step in sharded], lr=lr, weights=[unpack_weights(weights)] * len(slots),
+            slots, sharded[7], lr=lr, weights=[unpack_weights(weights)] * len(slots),
             decays=[decays] * len(slots), weight_decay=float(group["weight_decay"]),
             step_mult=self.step_mult, exp_mult=self.exp_mult, reduce=_distributed.all_reduce_sums,
         )

@@ -13,9 +13,15 @@ from torch import Tensor
 
 from . import _distributed, reference
 from . import velo_reference as ref
-from ._layout import VELO_DECAYS, VELO_LOSS_BUFFER, VELO_LSTM_HIDDEN, VELO_RMIN_INIT, state_shapes
+from ._layout import (
+    VELO_DECAYS,
+    VELO_LOSS_BUFFER,
+    VELO_LSTM_HIDDEN,
+    VELO_RMIN_INIT,
+    dropped_axis,
+    state_shapes,
+)
 from ._optim import LearnedOptimizer, check_lr, check_weight_decay, split_buckets
-from .small_fc_lopt import _dropped_axis
 from .velo_networks import VeLONetwork, load_velo_network
 
 logger = logging.getLogger(__name__)
@@ -93,6 +99,7 @@ class VeLO(LearnedOptimizer):
             if not math.isfinite(value):
                 raise ValueError(f"{name} must be finite, got {value}")
         self._device: torch.device | None = None
+        self._sharded = False
         self.velo_state: dict[str, Tensor] = {}
         defaults = dict(lr=lr, weight_decay=weight_decay, capturable=capturable, fused=fused)
         super().__init__(params, defaults, fused)
@@ -106,7 +113,9 @@ class VeLO(LearnedOptimizer):
             )
         super().add_param_group(param_group)
         for p in self.param_groups[-1]["params"]:
-            self._bind_device(p.device)
+            self._bind_device(_distributed.local(p).device)
+            # With DTensor parameters every step takes the phased path (_step_phased).
+            self._sharded = self._sharded or _distributed.is_dtensor(p)
 
     def _bind_device(self, device: torch.device) -> None:
         if self._device is None:
@@ -136,9 +145,7 @@ class VeLO(LearnedOptimizer):
         }
 
     def _init_group(self, group, params, grads, momentum, rms, fac_row, fac_col, fac_diag,
-                    hidden, cell, slots):
-        """The ops' lists of the plain parameters, or (``slots`` not None: the optimizer has
-        DTensor parameters) every parameter as a reference.Slot of its local tensors."""
+                    hidden, cell):
         for i, p in enumerate(group["params"]):
             if p.grad is None or p.numel() == 0:
                 continue
@@ -148,33 +155,19 @@ class VeLO(LearnedOptimizer):
                     f"{i} of its param group, shape {tuple(p.shape)}); use a dense gradient"
                 )
             state = self.state[p]
-            dtensor = _distributed.is_dtensor(p)
             if len(state) == 0:
+                dtensor = _distributed.is_dtensor(p)
                 for key, shape in state_shapes(p.shape).items():
-                    state[key] = (_distributed.zeros_state(p, shape, dropped=_dropped_axis(p, key))
+                    state[key] = (_distributed.zeros_state(p, shape, dropped=dropped_axis(p.shape, key))
                                   if dtensor else torch.zeros(shape, dtype=torch.float32, device=p.device))
                 state["lstm_hidden"] = self._net.init_hidden[0].clone()
                 state["lstm_cell"] = self._net.init_cell[0].clone()
-            hidden.append(state["lstm_hidden"])
-            cell.append(state["lstm_cell"])
-            if dtensor:
-                what = f"parameter {i} of its param group (shape {tuple(p.shape)})"
-                local = {k: v.to_local() for k, v in state.items() if not k.startswith("lstm_")}
-                slots.append(reference.Slot(
-                    p.to_local(), _distributed.local_grad(p, what), local["momentum"], local["rms"],
-                    local.get("fac_row"), local.get("fac_col"), local.get("fac_diag"),
-                    _distributed.geometry(p, what),
-                ))
-                continue
-            if slots is not None:
-                slots.append(reference.Slot(p, p.grad, state["momentum"], state["rms"], state.get("fac_row"),
-                                            state.get("fac_col"), state.get("fac_diag"),
-                                            reference.Geometry.of(p)))
-                continue
             params.append(p)
             grads.append(p.grad)
             momentum.append(state["momentum"])
             rms.append(state["rms"])
+            hidden.append(state["lstm_hidden"])
+            cell.append(state["lstm_cell"])
             if p.dim() >= 2:
                 fac_row.append(state["fac_row"])
                 fac_col.append(state["fac_col"])
@@ -209,14 +202,13 @@ class VeLO(LearnedOptimizer):
                 "opt.step(closure) with a closure that returns the loss, or opt.step(loss=loss)"
             )
         loss_t = self._loss_tensor(loss) if self._device is not None else None
-        phased = any(_distributed.is_dtensor(p) for group in self.param_groups for p in group["params"])
+        phased = self._sharded
         buckets, hidden, cell, slots = [], [], [], []
         for group in self.param_groups:
             lists = [[] for _ in range(7)]
-            group_slots = [] if phased else None
-            self._init_group(group, *lists, hidden, cell, group_slots)
+            self._init_group(group, *lists, hidden, cell)
             if phased:
-                slots.extend((group, s) for s in group_slots)
+                slots.extend((group, s) for s in self._local_slots(lists))
             else:
                 buckets.extend((group, b) for b in split_buckets(lists).values())
         if not hidden:

@@ -140,3 +140,44 @@ def test_2d_meshes_hsdp_and_fsdp_tp_at_4_ranks(velo_fixture_dir):
     cases = [(name, kind, (2, 2), torch.float32, None) for name in ("small_fc_lopt", "velo")
              for kind in ("hsdp", "fsdp_tp", "fsdp_over_colwise_tp")]
     spawn(4, _run_cases, cases, velo_fixture_dir)
+
+
+def _compiled_case(rank, world, name, velo_fixture):
+    """torch.compile(opt.step, fullgraph=True) on DTensor parameters: one graph, equal to eager."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    from helpers import CountingBackend
+
+    mesh = init_device_mesh("cpu", (world,))
+    shapes = [(37, 5), (5, 37), (7,), (), (2, 9)]
+    full = make_tensors(shapes)
+
+    def make():
+        params = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, _placements("fsdp", t.shape, 1),
+                                                       src_data_rank=None)) for t in full]
+        return params, _make_opt(name, params, None, velo_fixture)
+
+    eager_params, eager = make()
+    compiled_params, opt = make()
+    backend = CountingBackend("inductor")
+    step = torch.compile(opt.step, fullgraph=True, backend=backend)
+    for k in range(3):
+        for a, b, g in zip(eager_params, compiled_params, make_tensors(shapes, seed=10 + k, scale=0.1)):
+            a.grad = distribute_tensor(g, mesh, a.placements, src_data_rank=None)
+            b.grad = distribute_tensor(g.clone(), mesh, b.placements, src_data_rank=None)
+        if name == "velo":
+            loss = torch.tensor(1.0 / (k + 1))
+            eager.step(loss=loss)
+            step(loss=loss)
+        else:
+            eager.step()
+            step()
+    assert backend.graphs == 1, backend.graphs
+    for a, b in zip(eager_params, compiled_params):
+        torch.testing.assert_close(b.to_local(), a.to_local(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["small_fc_lopt", "velo"])
+def test_compiled_step_on_dtensor_params_equals_eager(name, velo_fixture_dir):
+    spawn(2, _compiled_case, name, velo_fixture_dir)
