@@ -124,6 +124,19 @@ def zeros_state(p: Tensor, global_shape: Sequence[int], *, dropped: int | None =
     return state_like(p, local, global_shape, dropped=dropped, channel=channel)
 
 
+def is_process_group(x) -> bool:
+    return torch.distributed.is_available() and isinstance(x, torch.distributed.ProcessGroup)
+
+
+def mean_over(value: Tensor, group) -> Tensor:
+    """The mean of ``value`` over the ranks of ``group`` (``True``: the default group)."""
+    import torch.distributed._functional_collectives as funcol
+
+    group = torch.distributed.group.WORLD if group is True else group
+    total = funcol.wait_tensor(funcol.all_reduce(value, "sum", group))
+    return total / torch.distributed.get_world_size(group)
+
+
 def all_reduce_sums(items: list[PartialSum]) -> list[Tensor]:
     """Completes partial sums: each is added up across its process groups, one ``all_reduce``
     per group for all the sums that cross it (flattened into one buffer), groups in the order

@@ -55,6 +55,10 @@ class VeLO(LearnedOptimizer):
             ``VeLO_MLP/``, a pair of PyLO Hub repo ids ``(rnn, mlp)``, a directory or Hub repo
             in lo_ops' layout (see ``python -m lo_ops convert``), or a ``VeLONetwork``.
         step_mult, exp_mult: override the checkpoint's (0.001 each for VeLO).
+        all_reduce_loss: in data-parallel training (DDP, FSDP2, ZeRO) every rank must give VeLO
+            the same loss, the global mean; by default the caller passes it. ``True`` makes
+            each step average the given (per-rank) loss over the default process group itself,
+            a ``ProcessGroup`` over that group (one all-reduce of one number, no host sync).
         capturable: kept for torch.optim compatibility; every path reads ``lr``, the loss and
             the step count from tensors on the parameters' device.
         fused: None uses the fused kernels where the device has them and the reference
@@ -84,6 +88,7 @@ class VeLO(LearnedOptimizer):
         capturable: bool = False,
         fused: bool | None = None,
         revision: str | None = None,
+        all_reduce_loss=False,
     ):
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps (the training horizon) must be an int >= 1, got {num_steps!r}")
@@ -98,6 +103,11 @@ class VeLO(LearnedOptimizer):
         for name, value in (("step_mult", self.step_mult), ("exp_mult", self.exp_mult)):
             if not math.isfinite(value):
                 raise ValueError(f"{name} must be finite, got {value}")
+        if not (isinstance(all_reduce_loss, bool) or _distributed.is_process_group(all_reduce_loss)):
+            raise ValueError(
+                f"all_reduce_loss must be True, False or a torch.distributed ProcessGroup, got {all_reduce_loss!r}"
+            )
+        self.all_reduce_loss = all_reduce_loss
         self._device: torch.device | None = None
         self._sharded = False
         self.velo_state: dict[str, Tensor] = {}
@@ -202,6 +212,8 @@ class VeLO(LearnedOptimizer):
                 "opt.step(closure) with a closure that returns the loss, or opt.step(loss=loss)"
             )
         loss_t = self._loss_tensor(loss) if self._device is not None else None
+        if loss_t is not None and self.all_reduce_loss is not False:
+            loss_t = _distributed.mean_over(loss_t, self.all_reduce_loss)
         phased = self._sharded
         buckets, hidden, cell, slots = [], [], [], []
         for group in self.param_groups:

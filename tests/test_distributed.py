@@ -43,12 +43,13 @@ def _placements(kind: str, shape, mesh_ndim: int):
     raise ValueError(kind)
 
 
-def _make_opt(name, params, fused, velo_fixture):
+def _make_opt(name, params, fused, velo_fixture, **kw):
     import lo_ops
 
     if name == "small_fc_lopt":
-        return lo_ops.SmallFCLOpt(params, lr=0.7, weight_decay=0.01, fused=fused)
-    return lo_ops.VeLO(params, num_steps=20, lr=0.9, weight_decay=0.01, pretrained=velo_fixture, fused=fused)
+        return lo_ops.SmallFCLOpt(params, lr=0.7, weight_decay=0.01, fused=fused, **kw)
+    return lo_ops.VeLO(params, num_steps=20, lr=0.9, weight_decay=0.01, pretrained=velo_fixture, fused=fused,
+                       **kw)
 
 
 def _step(opt, name, k):
@@ -181,3 +182,100 @@ def _compiled_case(rank, world, name, velo_fixture):
 @pytest.mark.parametrize("name", ["small_fc_lopt", "velo"])
 def test_compiled_step_on_dtensor_params_equals_eager(name, velo_fixture_dir):
     spawn(2, _compiled_case, name, velo_fixture_dir)
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(10, 37), torch.nn.ReLU(), torch.nn.Linear(37, 5))
+
+
+def _batch(rank, k):
+    gen = torch.Generator().manual_seed(1000 * k + rank)
+    return torch.randn(8, 10, generator=gen), torch.randn(8, 5, generator=gen)
+
+
+def _fsdp2_case(rank, world, velo_fixture):
+    """A model wrapped by FSDP2's fully_shard: each step equals the single-process optimizer
+    given the same (gathered) parameters and gradients; the loss averaged by the optimizer."""
+    import copy
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    for name in ("small_fc_lopt", "velo"):
+        model = _model()
+        single = copy.deepcopy(model)
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in (model[0], model[2]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        kw = {"all_reduce_loss": True} if name == "velo" else {}
+        opt = _make_opt(name, list(model.parameters()), False, velo_fixture, **kw)
+        ref = _make_opt(name, list(single.parameters()), False, velo_fixture)
+        losses = []
+        for k in range(3):
+            x, y = _batch(rank, k)
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            losses.append(loss.detach())
+            for p, q in zip(model.parameters(), single.parameters()):
+                assert p.grad.placements == p.placements
+                q.grad = p.grad.full_tensor()
+            if name == "velo":
+                opt.step(loss=loss.detach())  # averaged over the ranks by the optimizer
+                mean = torch.stack([loss.detach()])
+                torch.distributed.all_reduce(mean)
+                ref.step(loss=mean[0] / world)
+            else:
+                opt.step()
+                ref.step()
+            opt.zero_grad()
+            ref.zero_grad()
+            for i, (p, q) in enumerate(zip(model.parameters(), single.parameters())):
+                assert torch.equal(p.to_local(), local_part(q, p)), f"{name} step {k} param {i}"
+        if name == "velo":
+            assert torch.equal(opt.velo_state["loss_means"], ref.velo_state["loss_means"])
+
+
+def test_fsdp2_fully_shard_model(velo_fixture_dir):
+    spawn(2, _fsdp2_case, velo_fixture_dir)
+
+
+def _ddp_case(rank, world, velo_fixture):
+    """DDP with a lo_ops optimizer, unchanged: the replicas stay bitwise equal, and match one
+    process on the whole batch (whose gradient equals DDP's mean up to rounding)."""
+    import copy
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    for name in ("small_fc_lopt", "velo"):
+        model = _model()
+        single = copy.deepcopy(model)
+        ddp = DistributedDataParallel(model)
+        kw = {"all_reduce_loss": True} if name == "velo" else {}
+        opt = _make_opt(name, list(ddp.parameters()), None, velo_fixture, **kw)
+        ref = _make_opt(name, list(single.parameters()), None, velo_fixture)
+        for k in range(3):
+            x, y = _batch(rank, k)
+            loss = torch.nn.functional.mse_loss(ddp(x), y)
+            loss.backward()
+            batches = [_batch(r, k) for r in range(world)]
+            full_loss = torch.nn.functional.mse_loss(single(torch.cat([b[0] for b in batches])),
+                                                     torch.cat([b[1] for b in batches]))
+            full_loss.backward()
+            if name == "velo":
+                opt.step(loss=loss.detach())
+                ref.step(loss=full_loss.detach())
+            else:
+                opt.step()
+                ref.step()
+            opt.zero_grad()
+            ref.zero_grad()
+        for i, (p, q) in enumerate(zip(model.parameters(), single.parameters())):
+            assert_replicas_equal(p.detach(), what=f"{name} param {i}")
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"{name} param {i}: {m}")
+
+
+def test_ddp_unchanged(velo_fixture_dir):
+    spawn(2, _ddp_case, velo_fixture_dir)
