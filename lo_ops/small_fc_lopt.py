@@ -77,6 +77,8 @@ class SmallFCLOpt(LearnedOptimizer):
         super().add_param_group(param_group)
         for p in self.param_groups[-1]["params"]:
             self._meta(_distributed.local(p).device)  # created now, so that a compiled step finds it unchanged
+            if p.requires_grad:
+                self._ensure_state(p)
 
     def _meta(self, device: torch.device) -> tuple[Tensor, Tensor]:
         if device not in self._meta_cache:
@@ -99,13 +101,8 @@ class SmallFCLOpt(LearnedOptimizer):
                     "SmallFCLOpt does not support sparse gradients (parameter "
                     f"{i} of its param group, shape {tuple(p.shape)}); use a dense gradient"
                 )
-            state = self.state[p]
+            state = self._ensure_state(p)
             dtensor = _distributed.is_dtensor(p)
-            if len(state) == 0:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=_distributed.local(p).device)
-                for key, shape in state_shapes(p.shape).items():
-                    state[key] = (_distributed.zeros_state(p, shape, dropped=dropped_axis(p.shape, key))
-                                  if dtensor else torch.zeros(shape, dtype=torch.float32, device=p.device))
             params, grads, momentum, rms, fac_row, fac_col, fac_diag, steps = lists[8:] if dtensor else lists[:8]
             params.append(p)
             grads.append(p.grad)
@@ -117,6 +114,23 @@ class SmallFCLOpt(LearnedOptimizer):
                 fac_col.append(state["fac_col"])
             else:
                 fac_diag.append(state["fac_diag"])
+
+    def _ensure_state(self, p: Tensor) -> dict[str, Tensor]:
+        """The state of ``p``, created when it has none (at construction for every parameter
+        that requires grad, so that torch.distributed.checkpoint never has to take a step to
+        create it). A step count moved off the device (ZeroRedundancyOptimizer.load_state_dict
+        puts 0-d state on the CPU) is moved back."""
+        state = self.state[p]
+        device = _distributed.local(p).device
+        if len(state) == 0:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=device)
+            dtensor = _distributed.is_dtensor(p)
+            for key, shape in state_shapes(p.shape).items():
+                state[key] = (_distributed.zeros_state(p, shape, dropped=dropped_axis(p.shape, key))
+                              if dtensor else torch.zeros(shape, dtype=torch.float32, device=device))
+        elif state["step"].device != device:
+            state["step"] = state["step"].to(device)
+        return state
 
     @torch.no_grad()
     def step(self, closure=None):

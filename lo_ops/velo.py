@@ -116,7 +116,7 @@ class VeLO(LearnedOptimizer):
 
     # -- param groups and device ----------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if isinstance(param_group, dict) and "num_steps" in param_group:
+        if isinstance(param_group, dict) and param_group.get("num_steps", self.num_steps) != self.num_steps:
             raise ValueError(
                 "VeLO: num_steps is the training horizon of the whole optimizer (its loss buffer "
                 "and step count are shared by all groups); pass it to VeLO(...), not in a param group"
@@ -126,6 +126,8 @@ class VeLO(LearnedOptimizer):
             self._bind_device(_distributed.local(p).device)
             # With DTensor parameters every step takes the phased path (_step_phased).
             self._sharded = self._sharded or _distributed.is_dtensor(p)
+            if p.requires_grad and p.numel() > 0:
+                self._ensure_state(p)
 
     def _bind_device(self, device: torch.device) -> None:
         if self._device is None:
@@ -152,7 +154,39 @@ class VeLO(LearnedOptimizer):
         return state_shapes(p.shape) | {
             "lstm_hidden": (VELO_LSTM_HIDDEN,),
             "lstm_cell": (VELO_LSTM_HIDDEN,),
-        }
+        } | _GLOBAL_STATE
+
+    def _ensure_state(self, p: Tensor) -> dict[str, Tensor]:
+        """The state of ``p``, created when it has none. Every parameter's state also holds the
+        global state (step count, loss buffer) as the very tensors of ``velo_state``, so it
+        travels wherever per-parameter state does (ZeroRedundancyOptimizer, distributed
+        checkpoints). State replaced from outside (ZeroRedundancyOptimizer.load_state_dict) is
+        adopted: its copy of the global state becomes the optimizer's."""
+        state = self.state[p]
+        if len(state) == 0:
+            dtensor = _distributed.is_dtensor(p)
+            for key, shape in state_shapes(p.shape).items():
+                state[key] = (_distributed.zeros_state(p, shape, dropped=dropped_axis(p.shape, key))
+                              if dtensor else torch.zeros(shape, dtype=torch.float32, device=p.device))
+            state["lstm_hidden"] = self._net.init_hidden[0].clone()
+            state["lstm_cell"] = self._net.init_cell[0].clone()
+            state.update(self.velo_state)
+        elif state.get("iteration") is not self.velo_state["iteration"]:
+            self._adopt_global_state(state)
+        return state
+
+    def _adopt_global_state(self, source: dict[str, Tensor]) -> None:
+        """``source``'s global state (if it has one) becomes ``velo_state``, which every
+        parameter's state then shares again."""
+        if all(key in source for key in _GLOBAL_STATE):
+            for key in _GLOBAL_STATE:
+                self.velo_state[key].copy_(source[key].to(dtype=torch.float32))
+        for state in self.state.values():
+            if state:
+                state.update(self.velo_state)
+                for key in ("lstm_hidden", "lstm_cell"):  # 0-d tensors may come back on the CPU
+                    if state[key].device != self._device:
+                        state[key] = state[key].to(self._device)
 
     def _init_group(self, group, params, grads, momentum, rms, fac_row, fac_col, fac_diag,
                     hidden, cell):
@@ -164,14 +198,7 @@ class VeLO(LearnedOptimizer):
                     "VeLO does not support sparse gradients (parameter "
                     f"{i} of its param group, shape {tuple(p.shape)}); use a dense gradient"
                 )
-            state = self.state[p]
-            if len(state) == 0:
-                dtensor = _distributed.is_dtensor(p)
-                for key, shape in state_shapes(p.shape).items():
-                    state[key] = (_distributed.zeros_state(p, shape, dropped=dropped_axis(p.shape, key))
-                                  if dtensor else torch.zeros(shape, dtype=torch.float32, device=p.device))
-                state["lstm_hidden"] = self._net.init_hidden[0].clone()
-                state["lstm_cell"] = self._net.init_cell[0].clone()
+            state = self._ensure_state(p)
             params.append(p)
             grads.append(p.grad)
             momentum.append(state["momentum"])
@@ -317,33 +344,42 @@ class VeLO(LearnedOptimizer):
 
     # -- state_dict ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """torch.optim's layout (per-parameter state, LSTM state included) plus ``"velo"``: the
-        loss buffer, the step count and the horizon."""
+        """torch.optim's layout: per-parameter state (accumulators, LSTM state, and the global
+        step count and loss buffer, which every parameter shares), plus ``"velo"``: the global
+        state once more and the horizon."""
         out = super().state_dict()
         out["velo"] = {k: v.detach().clone() for k, v in self.velo_state.items()}
         out["velo"]["num_steps"] = self.num_steps
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "velo" not in state_dict:
+        """Takes VeLO's state dicts, with or without the ``"velo"`` entry (distributed
+        checkpoints keep only ``state`` and ``param_groups``; the global state is in every
+        parameter's state too)."""
+        saved = state_dict.get("velo")
+        per_param = [s for s in state_dict["state"].values() if all(k in s for k in _GLOBAL_STATE)]
+        if saved is None and not per_param:
             raise ValueError(
-                "load_state_dict: this is not a VeLO state dict (it has no 'velo' entry with "
-                "the loss buffer and step count)"
+                "load_state_dict: this is not a VeLO state dict (it has neither a 'velo' entry "
+                "nor per-parameter state with the loss buffer and step count)"
             )
-        saved = state_dict["velo"]
+        source = saved if saved is not None else per_param[0]
+        where = "state_dict['velo']" if saved is not None else "the per-parameter state"
         for key, shape in _GLOBAL_STATE.items():
-            value = saved.get(key)
+            value = source.get(key)
             if not isinstance(value, Tensor) or tuple(value.shape) != shape:
                 raise ValueError(
-                    f"load_state_dict: state_dict['velo'][{key!r}] should be a tensor of shape "
+                    f"load_state_dict: {where}[{key!r}] should be a tensor of shape "
                     f"{shape}, got {getattr(value, 'shape', type(value))}"
                 )
-        if saved.get("num_steps") != self.num_steps:
+        if saved is not None and saved.get("num_steps") != self.num_steps:
             logger.warning(
                 "VeLO.load_state_dict: the state was saved with num_steps=%s; continuing with "
                 "this optimizer's num_steps=%s", saved.get("num_steps"), self.num_steps,
             )
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != "velo"})
+        # State saved before the global state was kept per parameter gets it from "velo".
+        state = {i: ({**{k: source[k] for k in _GLOBAL_STATE}, **s} if s else s)
+                 for i, s in state_dict["state"].items()}
+        super().load_state_dict({"state": state, "param_groups": state_dict["param_groups"]})
         if self._device is not None:
-            for key in _GLOBAL_STATE:
-                self.velo_state[key].copy_(saved[key].to(dtype=torch.float32))
+            self._adopt_global_state(source)
