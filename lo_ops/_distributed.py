@@ -128,6 +128,13 @@ def is_process_group(x) -> bool:
     return torch.distributed.is_available() and isinstance(x, torch.distributed.ProcessGroup)
 
 
+def group_device(group) -> torch.device:
+    """The device a process group's collectives run on: CUDA for NCCL, else the CPU."""
+    if torch.distributed.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def mean_over(value: Tensor, group) -> Tensor:
     """The mean of ``value`` over the ranks of ``group`` (``True``: the default group)."""
     import torch.distributed._functional_collectives as funcol

@@ -24,7 +24,11 @@ class LearnedOptimizer(Optimizer):
 
     _ops: tuple[str, ...] = ()
 
-    def __init__(self, params, defaults: dict[str, Any], fused: bool | None):
+    def __init__(self, params, defaults: dict[str, Any], fused: bool | None,
+                 constants: dict[str, Any] | None = None):
+        # Constructor arguments that hold for the whole optimizer. ZeroRedundancyOptimizer
+        # copies its keyword arguments into every param group: equal values there are dropped.
+        self._constants = dict(constants or {})
         if fused not in (None, True, False):
             raise ValueError(f"fused must be None, True or False, got {fused!r}")
         self.fused = fused
@@ -33,10 +37,18 @@ class LearnedOptimizer(Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        name = type(self).__name__
+        for key, value in self._constants.items():
+            if isinstance(param_group, dict) and key in param_group:
+                given = param_group.pop(key)
+                if given is not value and given != value:
+                    raise ValueError(
+                        f"{name}: {key} holds for the whole optimizer; pass it to {name}(...), not "
+                        f"in a param group (got {given!r} there and {value!r} for the optimizer)"
+                    )
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         gi = len(self.param_groups) - 1
-        name = type(self).__name__
         check_lr(group["lr"], f"param_groups[{gi}]['lr']")
         check_weight_decay(group["weight_decay"], f"param_groups[{gi}]['weight_decay']")
         if isinstance(group["lr"], Tensor):  # a private copy: groups' schedulers must not alias

@@ -70,7 +70,9 @@ class SmallFCLOpt(LearnedOptimizer):
         self.decay_offsets = check_decay_offsets(offsets)
         self._meta_cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
         defaults = dict(lr=lr, weight_decay=weight_decay, capturable=capturable, fused=fused)
-        super().__init__(params, defaults, fused)
+        constants = dict(pretrained=pretrained, step_mult=step_mult, exp_mult=exp_mult,
+                         decay_offsets=decay_offsets, revision=revision)
+        super().__init__(params, defaults, fused, constants)
 
     # -- param groups -------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:

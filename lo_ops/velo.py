@@ -17,6 +17,7 @@ from ._layout import (
     VELO_DECAYS,
     VELO_LOSS_BUFFER,
     VELO_LSTM_HIDDEN,
+    VELO_LSTM_INPUTS,
     VELO_RMIN_INIT,
     dropped_axis,
     state_shapes,
@@ -59,6 +60,11 @@ class VeLO(LearnedOptimizer):
             the same loss, the global mean; by default the caller passes it. ``True`` makes
             each step average the given (per-rank) loss over the default process group itself,
             a ``ProcessGroup`` over that group (one all-reduce of one number, no host sync).
+        partitioned: this optimizer holds one rank's share of the model's parameters, as in
+            ``ZeroRedundancyOptimizer(..., optimizer_class=lo_ops.VeLO, partitioned=True)``:
+            each step gathers every rank's per-tensor LSTM inputs and LSTM state (one
+            all-gather) and runs the per-tensor network on all tensors, as one process would.
+            ``True``: the default process group; or the ``ProcessGroup`` ZeRO partitions over.
         capturable: kept for torch.optim compatibility; every path reads ``lr``, the loss and
             the step count from tensors on the parameters' device.
         fused: None uses the fused kernels where the device has them and the reference
@@ -89,6 +95,7 @@ class VeLO(LearnedOptimizer):
         fused: bool | None = None,
         revision: str | None = None,
         all_reduce_loss=False,
+        partitioned=False,
     ):
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps (the training horizon) must be an int >= 1, got {num_steps!r}")
@@ -108,11 +115,21 @@ class VeLO(LearnedOptimizer):
                 f"all_reduce_loss must be True, False or a torch.distributed ProcessGroup, got {all_reduce_loss!r}"
             )
         self.all_reduce_loss = all_reduce_loss
+        if not (isinstance(partitioned, bool) or _distributed.is_process_group(partitioned)):
+            raise ValueError(f"partitioned must be True, False or a torch.distributed ProcessGroup, got {partitioned!r}")
+        self._partition_group = None
         self._device: torch.device | None = None
         self._sharded = False
         self.velo_state: dict[str, Tensor] = {}
         defaults = dict(lr=lr, weight_decay=weight_decay, capturable=capturable, fused=fused)
-        super().__init__(params, defaults, fused)
+        constants = dict(num_steps=num_steps, pretrained=pretrained, step_mult=step_mult, exp_mult=exp_mult,
+                         revision=revision, all_reduce_loss=all_reduce_loss, partitioned=partitioned)
+        super().__init__(params, defaults, fused, constants)
+        if partitioned is not False:
+            self._partition_group = torch.distributed.group.WORLD if partitioned is True else partitioned
+            if self._device is None:  # an empty partition still joins every step's all-gather
+                self._bind_device(_distributed.group_device(self._partition_group))
+            self._count_partition_rows()
 
     # -- param groups and device ----------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -128,6 +145,15 @@ class VeLO(LearnedOptimizer):
             self._sharded = self._sharded or _distributed.is_dtensor(p)
             if p.requires_grad and p.numel() > 0:
                 self._ensure_state(p)
+        if self._partition_group is not None:  # a group added later
+            self._count_partition_rows()
+
+    def _count_partition_rows(self) -> None:
+        """The most tensors any rank's partition holds: the rows each rank adds to the gather."""
+        rows = sum(1 for g in self.param_groups for p in g["params"] if p.numel() > 0)
+        counts = [None] * torch.distributed.get_world_size(self._partition_group)
+        torch.distributed.all_gather_object(counts, rows, group=self._partition_group)
+        self._partition_rows = max(counts)
 
     def _bind_device(self, device: torch.device) -> None:
         if self._device is None:
@@ -250,14 +276,16 @@ class VeLO(LearnedOptimizer):
                 slots.extend((group, s) for s in self._local_slots(lists))
             else:
                 buckets.extend((group, b) for b in split_buckets(lists).values())
-        if not hidden:
+        if not hidden and self._partition_group is None:
             return closure_loss
         vs = self.velo_state
         iteration = vs["iteration"]
         means, running_min, loss_features = ref.loss_buffer_update(
             vs["loss_means"], vs["loss_running_min"], iteration, loss_t, self._loss_decays
         )
-        old_hidden, old_cell = torch.stack(hidden), torch.stack(cell)
+        empty = self._net.init_hidden[:0]
+        old_hidden = torch.stack(hidden) if hidden else empty
+        old_cell = torch.stack(cell) if cell else empty
         if phased:
             finite, new_hidden, new_cell = self._step_phased(slots, loss_t, loss_features, old_hidden,
                                                              old_cell)
@@ -265,8 +293,9 @@ class VeLO(LearnedOptimizer):
             finite, new_hidden, new_cell = self._step_buckets(buckets, loss_t, loss_features, old_hidden,
                                                               old_cell)
         skip = ~finite
-        torch._foreach_copy_(hidden, torch.where(skip, old_hidden, new_hidden).unbind(0))
-        torch._foreach_copy_(cell, torch.where(skip, old_cell, new_cell).unbind(0))
+        if hidden:  # (an empty ZeRO partition has none)
+            torch._foreach_copy_(hidden, torch.where(skip, old_hidden, new_hidden).unbind(0))
+            torch._foreach_copy_(cell, torch.where(skip, old_cell, new_cell).unbind(0))
         vs["loss_means"].copy_(torch.where(skip, vs["loss_means"], means))
         vs["loss_running_min"].copy_(torch.where(skip, vs["loss_running_min"], running_min))
         iteration.add_(finite.float())
@@ -284,10 +313,13 @@ class VeLO(LearnedOptimizer):
                                          float(self.num_steps))
             rows.append(X)
             finite = finite & grads_finite
+        X = torch.cat(rows) if rows else loss_features.new_zeros(0, VELO_LSTM_INPUTS)
+        if self._partition_group is None:
+            new_hidden, new_cell, controls, lr_mult = ref.per_tensor_network(X, old_hidden, old_cell, self._net)
+        else:
+            new_hidden, new_cell, controls, lr_mult, finite = self._network_of_all_ranks(
+                X, old_hidden, old_cell, finite)
         skip = ~finite
-        new_hidden, new_cell, controls, lr_mult = ref.per_tensor_network(
-            torch.cat(rows), old_hidden, old_cell, self._net
-        )
         mlp_weights = ref.blend_mlp_weights(controls, self._mlp_sets)
         start = 0
         for group, b in buckets:
@@ -297,6 +329,29 @@ class VeLO(LearnedOptimizer):
                       self.exp_mult)
             start = end
         return finite, new_hidden, new_cell
+
+    def _network_of_all_ranks(self, X, hidden, cell, finite):
+        """Partitioned: the per-tensor network over every rank's tensors. Each rank adds its T
+        rows ``[X | hidden | cell | 1]`` padded with zero rows to the partition size, and a
+        row holding its finite flag; after one all-gather every rank runs the network on the
+        same rows (padding masked out of the max-pool) and keeps its own."""
+        import torch.distributed._functional_collectives as funcol
+
+        group, n, T = self._partition_group, self._partition_rows, X.shape[0]
+        rows = torch.cat([X, hidden, cell, X.new_ones(T, 1)], dim=1)
+        rows = torch.nn.functional.pad(rows, (0, 0, 0, n - T))
+        flag = torch.nn.functional.pad(finite.float().reshape(1, 1), (0, rows.shape[1] - 1))
+        world = torch.distributed.get_world_size(group)
+        gathered = funcol.all_gather_tensor(torch.cat([rows, flag]), 0, group).view(world, n + 1, -1)
+        every = gathered[:, :n].reshape(world * n, -1)
+        valid = every[:, -1]
+        finite = (gathered[:, n, 0] == 1).all() & (valid > 0).any()
+        h = VELO_LSTM_HIDDEN
+        x, hid, cel = every[:, :VELO_LSTM_INPUTS], every[:, VELO_LSTM_INPUTS:VELO_LSTM_INPUTS + h], \
+            every[:, VELO_LSTM_INPUTS + h:VELO_LSTM_INPUTS + 2 * h]
+        new_hidden, new_cell, controls, lr_mult = ref.per_tensor_network(x, hid, cel, self._net, valid=valid)
+        own = slice(torch.distributed.get_rank(group) * n, torch.distributed.get_rank(group) * n + T)
+        return new_hidden[own], new_cell[own], controls[own], lr_mult[own], finite
 
     def _step_phased(self, slots, loss_t, loss_features, old_hidden, old_cell):
         """With DTensor parameters: the reference's phases on local shards, each phase's sums

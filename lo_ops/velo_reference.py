@@ -135,12 +135,16 @@ def velo_lstm_input(params, grads, momentum, rms, loss_features, iteration, num_
 
 
 # -- the per-tensor network (spec 3.3, 3.4) -------------------------------------------------------
-def per_tensor_network(X: Tensor, hidden: Tensor, cell: Tensor, net) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def per_tensor_network(X: Tensor, hidden: Tensor, cell: Tensor, net,
+                       valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Mixing, max-pool over tensors, LSTM cell and heads, batched over the T rows of ``X``.
+    Rows whose ``valid`` is 0 (padding) are left out of the max-pool.
 
     Returns ``(hidden', cell', controls [T, 256], lr_mult [T])``.
     """
     u = torch.relu(torch.nn.functional.linear(X, net.mix_in.weight, net.mix_in.bias))
+    if valid is not None:
+        u = u * valid[:, None]  # u >= 0: zero rows never win the max over valid ones
     pooled = u.amax(dim=0, keepdim=True)
     x = torch.nn.functional.linear(X, net.mix_out.weight, net.mix_out.bias) + pooled
     gates = torch.nn.functional.linear(torch.cat([x, hidden], dim=1), net.lstm.weight, net.lstm.bias)
