@@ -66,10 +66,26 @@ class LearnedOptimizer(Optimizer):
                 )
             if _distributed.is_dtensor(p):
                 self._geometry[p] = _distributed.geometry(p, f"param_groups[{gi}] parameter {pi}")
+                self._note_sharded(gi, pi)
             else:
                 self._geometry[p] = Geometry.of(p)
             self._fused_for(_distributed.local(p).device)
         place_lr(group)
+
+    def _note_sharded(self, gi: int, pi: int) -> None:
+        """DTensor parameters take the phased reference (lo_ops._distributed): the fused
+        kernels do not take shards yet. fused=True, which demands them, is refused; with
+        fused=None this is logged once."""
+        name = type(self).__name__
+        if self.fused is True:
+            raise RuntimeError(
+                f"{name}(fused=True): param_groups[{gi}] parameter {pi} is a DTensor; sharded "
+                "parameters run the phased pure-PyTorch path (the fused kernels do not take "
+                "shards yet); use fused=None"
+            )
+        if self.fused is None and not getattr(self, "_sharded_noted", False):
+            self._sharded_noted = True
+            logger.warning("%s: DTensor parameters use the phased pure-PyTorch path", name)
 
     def _local_slots(self, lists: list[list[Tensor]]) -> list[Slot]:
         """Reference slots of the local parts of the ops' lists (see _distributed.local_slots)."""

@@ -444,3 +444,59 @@ def _compare_state(model, opt, single, ref, name, when, moved):
 def test_distributed_checkpoint_saved_at_2_ranks_resumes_at_3(velo_fixture_dir, tmp_path):
     spawn(2, _dcp_save, str(tmp_path), velo_fixture_dir)
     spawn(3, _dcp_load, str(tmp_path), velo_fixture_dir)
+
+
+def _error_case(rank, world, velo_fixture):
+    """Bad input is refused with a message that names the parameter and the problem."""
+    import lo_ops
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    full = torch.randn(6, 4)
+    partial = torch.nn.Parameter(DTensor.from_local(torch.randn(6, 4), mesh, [Partial()], run_check=False))
+    for name in ("small_fc_lopt", "velo"):
+        try:
+            _make_opt(name, [partial], None, velo_fixture)
+        except ValueError as e:
+            assert "Partial" in str(e) and "parameter 0" in str(e), str(e)
+        else:
+            raise AssertionError(f"{name}: a Partial parameter was accepted")
+    sharded = torch.nn.Parameter(distribute_tensor(full, mesh, [Shard(0)], src_data_rank=None))
+    try:
+        lo_ops.SmallFCLOpt([sharded], fused=True)
+    except RuntimeError as e:
+        assert "DTensor" in str(e) and "fused=None" in str(e), str(e)
+    else:
+        raise AssertionError("fused=True was accepted for a DTensor parameter")
+    opt = lo_ops.SmallFCLOpt([sharded])
+    sharded.grad = torch.randn(6, 4)
+    try:
+        opt.step()
+    except ValueError as e:
+        assert "DTensor gradient" in str(e) and "(6, 4)" in str(e), str(e)
+    else:
+        raise AssertionError("a plain gradient of a DTensor parameter was accepted")
+
+
+def test_bad_distributed_input_is_refused(velo_fixture_dir):
+    spawn(2, _error_case, velo_fixture_dir)
+
+
+def test_zero_keyword_arguments_in_param_groups(velo_fixture_dir):
+    """ZeroRedundancyOptimizer copies the optimizer's keyword arguments into every param group:
+    equal values are accepted, different ones refused."""
+    import lo_ops
+
+    p = torch.nn.Parameter(torch.randn(3, 4))
+    opt = lo_ops.SmallFCLOpt([{"params": [p], "step_mult": None, "pretrained": None}])
+    assert "step_mult" not in opt.param_groups[0]
+    with pytest.raises(ValueError, match="step_mult holds for the whole optimizer"):
+        lo_ops.SmallFCLOpt([{"params": [p], "step_mult": 0.5}])
+    velo = lo_ops.VeLO([{"params": [p], "num_steps": 10, "pretrained": velo_fixture_dir, "partitioned": False}],
+                       num_steps=10, pretrained=velo_fixture_dir)
+    assert "num_steps" not in velo.param_groups[0]
+    with pytest.raises(ValueError, match="all_reduce_loss must be"):
+        lo_ops.VeLO([p], num_steps=10, pretrained=velo_fixture_dir, all_reduce_loss="mean")
+    with pytest.raises(ValueError, match="partitioned must be"):
+        lo_ops.VeLO([p], num_steps=10, pretrained=velo_fixture_dir, partitioned=2)
