@@ -500,3 +500,22 @@ def test_zero_keyword_arguments_in_param_groups(velo_fixture_dir):
         lo_ops.VeLO([p], num_steps=10, pretrained=velo_fixture_dir, all_reduce_loss="mean")
     with pytest.raises(ValueError, match="partitioned must be"):
         lo_ops.VeLO([p], num_steps=10, pretrained=velo_fixture_dir, partitioned=2)
+
+
+@pytest.mark.parametrize("optimizer", ["small_fc_lopt", "velo"])
+def test_fsdp2_example_runs_under_torchrun(optimizer, velo_fixture_dir, tmp_path):
+    """examples/fsdp2_cpu.py, as the README runs it (torchrun, 2 processes, gloo)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from distributed_helpers import _free_port
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), str(root / "examples" / "fsdp2_cpu.py"), "--steps", "6",
+           "--optimizer", optimizer, "--velo-weights", velo_fixture_dir, "--checkpoint", str(tmp_path / "ckpt")]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "step    5  loss" in run.stdout and "saved" in run.stdout, run.stdout
+    assert (tmp_path / "ckpt" / ".metadata").exists()
