@@ -519,3 +519,31 @@ def test_fsdp2_example_runs_under_torchrun(optimizer, velo_fixture_dir, tmp_path
     assert run.returncode == 0, run.stdout + run.stderr
     assert "step    5  loss" in run.stdout and "saved" in run.stdout, run.stdout
     assert (tmp_path / "ckpt" / ".metadata").exists()
+
+
+def _nonfinite_case(rank, world, velo_fixture):
+    """VeLO: an inf in one element of one rank's shard skips the step on every rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    shapes = [(37, 5), (7,), ()]
+    params = [torch.nn.Parameter(distribute_tensor(t, mesh, _placements("fsdp", t.shape, 1), src_data_rank=None))
+              for t in make_tensors(shapes)]
+    opt = _make_opt("velo", params, None, velo_fixture)
+    for k in range(2):
+        grads = make_tensors(shapes, seed=100 + k, scale=0.1)
+        for p, g in zip(params, grads):
+            p.grad = distribute_tensor(g, mesh, p.placements, src_data_rank=None)
+        if k == 1 and rank == world - 1:
+            params[0].grad.to_local()[-1, 2] = float("inf")
+        before = [p.to_local().clone() for p in params]
+        state = {key: value.clone() for key, value in opt.velo_state.items()}
+        opt.step(loss=torch.tensor(1.0))
+    assert all(torch.equal(p.to_local(), b) for p, b in zip(params, before)), "a parameter moved"
+    assert all(torch.equal(opt.velo_state[key], state[key]) for key in state)
+    assert opt.velo_state["iteration"].item() == 1
+
+
+def test_velo_nonfinite_gradient_on_one_rank_skips_everywhere(velo_fixture_dir):
+    spawn(2, _nonfinite_case, velo_fixture_dir)
