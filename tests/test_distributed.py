@@ -206,45 +206,30 @@ def _batch(rank, k):
 
 def _fsdp2_case(rank, world, velo_fixture):
     """A model wrapped by FSDP2's fully_shard: each step equals the single-process optimizer
-    given the same (gathered) parameters and gradients; the loss averaged by the optimizer."""
-    import copy
-
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
+    given the same (gathered) parameters and gradients; VeLO averages the loss itself."""
     for name in ("small_fc_lopt", "velo"):
-        model = _model()
-        single = copy.deepcopy(model)
-        mesh = init_device_mesh("cpu", (world,))
-        for layer in (model[0], model[2]):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        model, single = _fsdp2_model(world), _model()
         kw = {"all_reduce_loss": True} if name == "velo" else {}
         opt = _make_opt(name, list(model.parameters()), False, velo_fixture, **kw)
         ref = _make_opt(name, list(single.parameters()), False, velo_fixture)
-        losses = []
         for k in range(3):
-            x, y = _batch(rank, k)
-            loss = torch.nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            losses.append(loss.detach())
-            for p, q in zip(model.parameters(), single.parameters()):
-                assert p.grad.placements == p.placements
-                q.grad = p.grad.full_tensor()
-            if name == "velo":
-                opt.step(loss=loss.detach())  # averaged over the ranks by the optimizer
-                mean = torch.stack([loss.detach()])
-                torch.distributed.all_reduce(mean)
-                ref.step(loss=mean[0] / world)
-            else:
-                opt.step()
-                ref.step()
-            opt.zero_grad()
-            ref.zero_grad()
+            _train_with_single(model, opt, single, ref, name, 1, k, rank, own_loss=name == "velo")
             for i, (p, q) in enumerate(zip(model.parameters(), single.parameters())):
                 assert torch.equal(p.to_local(), local_part(q, p)), f"{name} step {k} param {i}"
         if name == "velo":
             assert torch.equal(opt.velo_state["loss_means"], ref.velo_state["loss_means"])
+
+
+def _step_both(name, opt, ref, loss, ref_loss):
+    """One step of the optimizer under test and of the single-process one (VeLO with losses)."""
+    if name == "velo":
+        opt.step(loss=loss)
+        ref.step(loss=ref_loss)
+    else:
+        opt.step()
+        ref.step()
+    opt.zero_grad()
+    ref.zero_grad()
 
 
 def test_fsdp2_fully_shard_model(velo_fixture_dir):
@@ -273,14 +258,7 @@ def _ddp_case(rank, world, velo_fixture):
             full_loss = torch.nn.functional.mse_loss(single(torch.cat([b[0] for b in batches])),
                                                      torch.cat([b[1] for b in batches]))
             full_loss.backward()
-            if name == "velo":
-                opt.step(loss=loss.detach())
-                ref.step(loss=full_loss.detach())
-            else:
-                opt.step()
-                ref.step()
-            opt.zero_grad()
-            ref.zero_grad()
+            _step_both(name, opt, ref, loss.detach(), full_loss.detach())
         for i, (p, q) in enumerate(zip(model.parameters(), single.parameters())):
             assert_replicas_equal(p.detach(), what=f"{name} param {i}")
             torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6,
@@ -356,9 +334,10 @@ def _fsdp2_model(world):
     return fully_shard(model, mesh=mesh)
 
 
-def _train_with_single(model, opt, single, ref, name, steps, offset, rank):
-    """FSDP2 steps, with the single-process optimizer given the same gathered gradients.
-    Returns the sum over the steps of each parameter's largest change."""
+def _train_with_single(model, opt, single, ref, name, steps, offset, rank, own_loss=False):
+    """FSDP2 steps, with the single-process optimizer given the same gathered gradients and
+    the mean loss (``own_loss``: the optimizer under test gets this rank's loss). Returns the
+    sum over the steps of each parameter's largest change."""
     moved = [0.0 for _ in single.parameters()]
     for k in range(offset, offset + steps):
         before = [q.detach().clone() for q in single.parameters()]
@@ -366,18 +345,12 @@ def _train_with_single(model, opt, single, ref, name, steps, offset, rank):
         loss = torch.nn.functional.mse_loss(model(x), y)
         loss.backward()
         for p, q in zip(model.parameters(), single.parameters()):
+            assert p.grad.placements == p.placements
             q.grad = p.grad.full_tensor()
         mean = loss.detach().clone()
         torch.distributed.all_reduce(mean)
         mean /= torch.distributed.get_world_size()
-        if name == "velo":
-            opt.step(loss=mean)
-            ref.step(loss=mean)
-        else:
-            opt.step()
-            ref.step()
-        opt.zero_grad()
-        ref.zero_grad()
+        _step_both(name, opt, ref, loss.detach() if own_loss else mean, mean)
         for i, (q, b) in enumerate(zip(single.parameters(), before)):
             moved[i] += (q.detach() - b).abs().max().item()
     return moved
