@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _distributed
+from ._layout import dropped_axis, state_shapes
 from .reference import Geometry, Slot
 
 logger = logging.getLogger(__name__)
@@ -175,6 +176,22 @@ def split_buckets(lists: list[list[Tensor]]) -> dict[tuple[torch.device, torch.d
             b[6].append(fac_diag[di])
             di += 1
     return out
+
+
+def group_lr(group: dict[str, Any], device: torch.device) -> Tensor:
+    """The group's lr tensor on ``device``."""
+    lr = group["lr"]
+    return lr if lr.device == device else lr.to(device)
+
+
+def accumulator_state(p: Tensor) -> dict[str, Tensor]:
+    """Zero float32 accumulators of parameter ``p`` (``state_shapes``), as DTensors on its mesh
+    when ``p`` is one (see ``_distributed.zeros_state``)."""
+    if _distributed.is_dtensor(p):
+        return {key: _distributed.zeros_state(p, shape, dropped=dropped_axis(p.shape, key))
+                for key, shape in state_shapes(p.shape).items()}
+    return {key: torch.zeros(shape, dtype=torch.float32, device=p.device)
+            for key, shape in state_shapes(p.shape).items()}
 
 
 def place_lr(group: dict[str, Any]) -> None:

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from . import _distributed, reference
-from ._layout import dropped_axis, effective_decays, state_shapes, unpack_weights
-from ._optim import LearnedOptimizer, check_lr, check_weight_decay, split_buckets
+from ._layout import effective_decays, state_shapes, unpack_weights
+from ._optim import LearnedOptimizer, accumulator_state, check_lr, check_weight_decay, group_lr, split_buckets
 from .networks import check_decay_offsets, load_small_fc_lopt_network
 
 
@@ -126,10 +126,7 @@ class SmallFCLOpt(LearnedOptimizer):
         device = _distributed.local(p).device
         if len(state) == 0:
             state["step"] = torch.zeros((), dtype=torch.float32, device=device)
-            dtensor = _distributed.is_dtensor(p)
-            for key, shape in state_shapes(p.shape).items():
-                state[key] = (_distributed.zeros_state(p, shape, dropped=dropped_axis(p.shape, key))
-                              if dtensor else torch.zeros(shape, dtype=torch.float32, device=device))
+            state.update(accumulator_state(p))
         elif state["step"].device != device:
             state["step"] = state["step"].to(device)
         return state
@@ -149,7 +146,7 @@ class SmallFCLOpt(LearnedOptimizer):
                 continue
             for (device, _), bucket in split_buckets(lists).items():
                 weights, decays = self._meta(device)
-                lr = group["lr"] if group["lr"].device == device else group["lr"].to(device)
+                lr = group_lr(group, device)
                 if self._fused_for(device):
                     fn = torch.ops.lo_ops.small_fc_lopt_step_
                 else:
@@ -163,7 +160,7 @@ class SmallFCLOpt(LearnedOptimizer):
         slots = self._local_slots(sharded[:7])
         device = slots[0].p.device
         weights, decays = self._meta(device)
-        lr = group["lr"] if group["lr"].device == device else group["lr"].to(device)
+        lr = group_lr(group, device)
         reference.small_fc_lopt_slots(
             slots, sharded[7], lr=lr, weights=[unpack_weights(weights)] * len(slots),
             decays=[decays] * len(slots), weight_decay=float(group["weight_decay"]),

@@ -19,10 +19,9 @@ from ._layout import (
     VELO_LSTM_HIDDEN,
     VELO_LSTM_INPUTS,
     VELO_RMIN_INIT,
-    dropped_axis,
     state_shapes,
 )
-from ._optim import LearnedOptimizer, check_lr, check_weight_decay, split_buckets
+from ._optim import LearnedOptimizer, accumulator_state, check_lr, check_weight_decay, group_lr, split_buckets
 from .velo_networks import VeLONetwork, load_velo_network
 
 logger = logging.getLogger(__name__)
@@ -116,7 +115,9 @@ class VeLO(LearnedOptimizer):
             )
         self.all_reduce_loss = all_reduce_loss
         if not (isinstance(partitioned, bool) or _distributed.is_process_group(partitioned)):
-            raise ValueError(f"partitioned must be True, False or a torch.distributed ProcessGroup, got {partitioned!r}")
+            raise ValueError(
+                f"partitioned must be True, False or a torch.distributed ProcessGroup, got {partitioned!r}"
+            )
         self._partition_group = None
         self._device: torch.device | None = None
         self._sharded = False
@@ -190,10 +191,7 @@ class VeLO(LearnedOptimizer):
         adopted: its copy of the global state becomes the optimizer's."""
         state = self.state[p]
         if len(state) == 0:
-            dtensor = _distributed.is_dtensor(p)
-            for key, shape in state_shapes(p.shape).items():
-                state[key] = (_distributed.zeros_state(p, shape, dropped=dropped_axis(p.shape, key))
-                              if dtensor else torch.zeros(shape, dtype=torch.float32, device=p.device))
+            state.update(accumulator_state(p))
             state["lstm_hidden"] = self._net.init_hidden[0].clone()
             state["lstm_cell"] = self._net.init_cell[0].clone()
             state.update(self.velo_state)
@@ -324,9 +322,9 @@ class VeLO(LearnedOptimizer):
         start = 0
         for group, b in buckets:
             end = start + len(b[0])
-            velo_step(b[0], b[1], b[2], b[3], b[4], b[5], b[6], self._lr(group), mlp_weights[start:end],
-                      lr_mult[start:end], skip, float(group["weight_decay"]), self.step_mult,
-                      self.exp_mult)
+            velo_step(b[0], b[1], b[2], b[3], b[4], b[5], b[6], group_lr(group, self._device),
+                      mlp_weights[start:end], lr_mult[start:end], skip, float(group["weight_decay"]),
+                      self.step_mult, self.exp_mult)
             start = end
         return finite, new_hidden, new_cell
 
@@ -388,14 +386,10 @@ class VeLO(LearnedOptimizer):
         for i, (s, acc, total) in enumerate(zip(slots, accs, reduce(partial))):
             group = groups[i]
             ref.element_step(s, feature_fn(i, g32s[i], acc), p32s[i], total, mlp_weights[i], lr_mult[i],
-                             lr=self._lr(group), weight_decay=float(group["weight_decay"]),
+                             lr=group_lr(group, self._device), weight_decay=float(group["weight_decay"]),
                              step_mult=self.step_mult, exp_mult=self.exp_mult)
         ref.keep_if(~finite, tensors, saved)
         return finite, new_hidden, new_cell
-
-    def _lr(self, group) -> Tensor:
-        lr = group["lr"]
-        return lr if lr.device == self._device else lr.to(self._device)
 
     # -- state_dict ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -127,7 +127,8 @@ def main(argv=None):
                             {"path": out, "set": args.set}), nprocs=args.world_size)
     summary = json.loads(Path(out).read_text())
     print(f"{summary['param_set']}: {summary['tensors']} tensors, {summary['parameters']:,} parameters, "
-          f"W={summary['world_size']}; one FSDP2 all-gather: {summary['fsdp2_all_gather_bytes_per_rank'] / 1e6:.2f} MB/rank")
+          f"W={summary['world_size']}; one FSDP2 all-gather: "
+          f"{summary['fsdp2_all_gather_bytes_per_rank'] / 1e6:.2f} MB/rank")
     for name, r in summary["optimizers"].items():
         print(f"  {name}: {r['collectives_per_step']} collectives/step {r['by_kind']}, payload "
               f"{r['payload_bytes_per_step'] / 1e3:.1f} kB, ring {r['ring_bytes_per_rank'] / 1e3:.1f} kB/rank "

@@ -67,7 +67,9 @@ def assert_param_close(got, expected, step_size, what):
         return
     diff = (got.float() - expected.float()).abs()
     bound = 1e-6 * step_size + 4 * torch.finfo(got.dtype).eps * expected.float().abs()
-    assert (diff <= bound).all(), f"{what}: |param - single process| up to {diff.max().item():g} at value {expected.flatten()[diff.argmax()].item()}"
+    worst = diff.flatten().argmax()
+    assert (diff <= bound).all(), (f"{what}: |param - single process| up to {diff.max().item():g} "
+                                   f"at value {expected.flatten()[worst].item()}")
 
 
 def _check_replicated(value, mesh, what):
@@ -398,7 +400,8 @@ def _dcp_load(rank, world, path, velo_fixture):
             assert torch.equal(p.to_local(), local_part(q, p)), f"{name}: parameters after loading"
         _compare_state(model, opt, single, ref, name, "after loading", saved["moved"])
         moved = _train_with_single(model, opt, single, ref, name, 3, 3, rank)
-        _compare_state(model, opt, single, ref, name, "after resuming", [a + b for a, b in zip(saved["moved"], moved)])
+        total = [a + b for a, b in zip(saved["moved"], moved)]
+        _compare_state(model, opt, single, ref, name, "after resuming", total)
 
 
 def _compare_state(model, opt, single, ref, name, when, moved):
