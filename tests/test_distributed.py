@@ -523,3 +523,60 @@ def _nonfinite_case(rank, world, velo_fixture):
 
 def test_velo_nonfinite_gradient_on_one_rank_skips_everywhere(velo_fixture_dir):
     spawn(2, _nonfinite_case, velo_fixture_dir)
+
+
+def _vectors_case(rank, world, shared, velo_fixture, small_fc_lopt_fixture):
+    """The recorded trajectories of the original JAX optimizers (../shared/vectors) through
+    sharded parameters: FSDP-style Shard(0) and TP Shard(last), steps read exactly with a
+    large lr, the relative step error of each whole tensor within the vectors' tolerances
+    (small_fc_lopt 1e-5, VeLO end to end 1e-3)."""
+    import json
+    from pathlib import Path
+
+    import lo_ops
+    from safetensors.torch import load_file
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    probe = 2.0 ** 24
+    vectors = Path(shared) / "vectors"
+    offsets = json.loads((Path(shared) / "fixtures" / "small_fc_lopt_init" / "decay_offsets.json").read_text())
+    offsets = {"momentum": offsets["momentum_decays"], "rms": offsets["rms_decays"],
+               "adafactor": offsets["adafactor_decays"]}
+    for name, tol in (("small_fc_lopt", 1e-5), ("velo", 1e-3)):
+        meta = json.loads((vectors / f"{name}_init.json").read_text())
+        t = load_file(str(vectors / f"{name}_init.safetensors"))
+        leaves = meta["leaf_order"]
+        for kind in ("fsdp", "tp"):
+            full = [t[f"params.step0.{leaf}"] for leaf in leaves]
+            params = [torch.nn.Parameter(distribute_tensor(x.clone(), mesh, _placements(kind, x.shape, 1),
+                                                           src_data_rank=None)) for x in full]
+            if name == "velo":
+                opt = lo_ops.VeLO(params, num_steps=meta["horizon_num_steps"], lr=probe, pretrained=velo_fixture)
+                pattern = meta["problem"]["loss_pattern"]
+                losses = [pattern[k % 8] - 0.05 * (k // 8) for k in range(meta["n_updates"])]
+            else:
+                opt = lo_ops.SmallFCLOpt(params, lr=probe, pretrained=small_fc_lopt_fixture, step_mult=0.001,
+                                         decay_offsets=offsets)
+            for k in range(1, meta["n_updates"] + 1):
+                with torch.no_grad():
+                    for p, leaf in zip(params, leaves):
+                        prev = distribute_tensor(t[f"params.step{k - 1}.{leaf}"], mesh, p.placements,
+                                                 src_data_rank=None)
+                        p.to_local().copy_(prev.to_local())
+                        p.grad = distribute_tensor(t[f"grads.step{k}.{leaf}"].clone(), mesh, p.placements,
+                                                   src_data_rank=None)
+                opt.step(loss=torch.tensor(losses[k - 1])) if name == "velo" else opt.step()
+                for p, leaf in zip(params, leaves):
+                    step = (t[f"params.step{k - 1}.{leaf}"].double() - p.full_tensor().double()) / probe
+                    ref = t[f"steps.step{k}.{leaf}"].double()
+                    err = ((step - ref).norm() / ref.norm()).item()
+                    assert err <= tol, f"{name} {kind} update {k}, {leaf}: relative step error {err:.3g}"
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_vectors_through_sharded_parameters(world, velo_fixture_dir, small_fc_lopt_fixture_dir):
+    from conftest import SHARED
+
+    spawn(world, _vectors_case, str(SHARED), velo_fixture_dir, str(small_fc_lopt_fixture_dir))
