@@ -114,13 +114,14 @@ def state_like(p: Tensor, local: Tensor, global_shape: Sequence[int], *, dropped
 
 def zeros_state(p: Tensor, global_shape: Sequence[int], *, dropped: int | None = None) -> Tensor:
     """Float32 zeros of global shape ``[3 or 1, ...]`` for DTensor ``p`` (see ``state_like``)."""
-    local_shape = list(p.to_local().shape) if p.dim() > 0 else []
+    local_p = p.to_local()
+    local_shape = list(local_p.shape)
     if dropped is not None:
         del local_shape[dropped]
     channel = len(global_shape) == len(local_shape) + 1
     if channel:
         local_shape = [global_shape[0], *local_shape]
-    local = torch.zeros(local_shape, dtype=torch.float32, device=p.to_local().device)
+    local = torch.zeros(local_shape, dtype=torch.float32, device=local_p.device)
     return state_like(p, local, global_shape, dropped=dropped, channel=channel)
 
 

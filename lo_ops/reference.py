@@ -205,22 +205,25 @@ class Slot:
     diag: Tensor | None
     geo: Geometry
 
+    @property
+    def shape(self) -> torch.Size:
+        """The local shape, a 0-d tensor's as [1]."""
+        return self.p.shape if self.p.dim() > 0 else torch.Size([1])
+
     def views(self, g32: Tensor):
-        """g32 and the state viewed with the local shape (0-d as [1])."""
-        shape = g32.shape
+        """momentum, rms and (unfactored) u viewed with the local shape."""
+        shape = self.shape
         m = self.momentum.view(3, *shape)
         v = self.rms.view(shape)
         u = self.diag.view(3, *shape) if self.diag is not None else None
         return m, v, u
 
     def g32(self, clip: float | None = None) -> Tensor:
-        shape = self.p.shape if self.p.dim() > 0 else torch.Size([1])
-        g32 = self.g.float().reshape(shape)
+        g32 = self.g.float().reshape(self.shape)
         return g32 if clip is None else torch.clamp(g32, -clip, clip)
 
     def p32(self) -> Tensor:
-        shape = self.p.shape if self.p.dim() > 0 else torch.Size([1])
-        return self.p.float().reshape(shape)
+        return self.p.float().reshape(self.shape)
 
 
 def slots_of(params, grads, momentum, rms, fac_row, fac_col, fac_diag, geometries=None) -> list[Slot]:

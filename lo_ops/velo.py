@@ -208,9 +208,6 @@ class VeLO(LearnedOptimizer):
         for state in self.state.values():
             if state:
                 state.update(self.velo_state)
-                for key in ("lstm_hidden", "lstm_cell"):  # 0-d tensors may come back on the CPU
-                    if state[key].device != self._device:
-                        state[key] = state[key].to(self._device)
 
     def _init_group(self, group, params, grads, momentum, rms, fac_row, fac_col, fac_diag,
                     hidden, cell):

@@ -8,7 +8,6 @@ fails the calling test with that rank's traceback.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 
 import torch
@@ -16,17 +15,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank, world_size, port, fn, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+def _entry(rank, world_size, store_path, fn, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    # A file store: no port to pick, so no port that another test may still hold.
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
         dist.barrier()
@@ -35,11 +29,8 @@ def _entry(rank, world_size, port, fn, args):
 
 
 def spawn(world_size: int, fn, *args) -> None:
-    mp.spawn(_entry, args=(world_size, _free_port(), fn, args), nprocs=world_size, join=True)
-
-
-def tmpdir() -> str:
-    return tempfile.mkdtemp(prefix="lo_ops_dist_")
+    with tempfile.TemporaryDirectory(prefix="lo_ops_dist_") as d:
+        mp.spawn(_entry, args=(world_size, os.path.join(d, "store"), fn, args), nprocs=world_size, join=True)
 
 
 def make_tensors(shapes, dtype=torch.float32, seed=0, scale=1.0):

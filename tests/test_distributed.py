@@ -485,11 +485,9 @@ def test_fsdp2_example_runs_under_torchrun(optimizer, velo_fixture_dir, tmp_path
     import sys
     from pathlib import Path
 
-    from distributed_helpers import _free_port
-
     root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), str(root / "examples" / "fsdp2_cpu.py"), "--steps", "6",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+           str(root / "examples" / "fsdp2_cpu.py"), "--steps", "6",
            "--optimizer", optimizer, "--velo-weights", velo_fixture_dir, "--checkpoint", str(tmp_path / "ckpt")]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
