@@ -40,11 +40,12 @@ inline std::pair<int, int> factored_axes(const std::vector<int64_t>& sizes) {
   return {order[n - 1], order[n - 2]};
 }
 
-inline FactoredGeometry factored_geometry(const std::vector<int64_t>& sizes) {
+// The 5-D view of a tensor of shape `sizes` factored along (d0, d1): the axes of its own
+// shape, or those of the whole tensor that `sizes` is a shard of.
+inline FactoredGeometry factored_geometry(const std::vector<int64_t>& sizes, int d0, int d1) {
   FactoredGeometry geo;
-  const auto axes = factored_axes(sizes);
-  geo.d0 = axes.first;
-  geo.d1 = axes.second;
+  geo.d0 = d0;
+  geo.d1 = d1;
   const int lo = std::min(geo.d0, geo.d1);
   const int hi = std::max(geo.d0, geo.d1);
   geo.d0_is_p = geo.d0 == lo;
@@ -55,6 +56,11 @@ inline FactoredGeometry factored_geometry(const std::vector<int64_t>& sizes) {
   geo.Q = sizes[hi];
   for (int i = hi + 1; i < nd; ++i) geo.C *= sizes[i];
   return geo;
+}
+
+inline FactoredGeometry factored_geometry(const std::vector<int64_t>& sizes) {
+  const auto axes = factored_axes(sizes);
+  return factored_geometry(sizes, axes.first, axes.second);
 }
 
 // Shape of the row (drop d0) or column (drop d1) accumulator, without the channel axis.

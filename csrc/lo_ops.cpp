@@ -46,6 +46,66 @@ TORCH_LIBRARY(lo_ops, m) {
       "Tensor(c!)[] rms, Tensor(d!)[] fac_row, Tensor(e!)[] fac_col, Tensor(f!)[] fac_diag, "
       "Tensor lr, Tensor mlp_weights, Tensor lr_mult, Tensor skip, float weight_decay, "
       "float step_mult, float exp_mult) -> ()");
+
+  // -- Phase ops: one step of parameters that may be shards of larger tensors, split where the
+  // step sums over a whole tensor. Each returns float64 sums over its shards' own elements; the
+  // caller adds them up across the shards of each tensor (lo_ops._distributed) and hands the
+  // complete sums to the next phase. global_geometry holds 5 integers per parameter: d0, d1,
+  // the sizes of d0 and d1 and the element count of the whole tensor (d0 = d1 = -1 for
+  // ndim < 2); a whole tensor is its own only shard.
+
+  // Phase 1: per tensor with ndim >= 2, the sums of g^2 + 1e-30 over d0 (shaped like r without
+  // its channel axis) and over d1 (like c); gradients clipped to [-grad_clip, grad_clip] first
+  // when grad_clip > 0.
+  m.def("factored_gsq_sums(Tensor[] grads, int[] global_geometry, float grad_clip) -> Tensor[]");
+
+  // Phase 2: fac_row / fac_col take the means of g^2 (complete phase-1 sums over the whole
+  // sizes of d0 / d1) with decays[4:7] ([7] or [T, 7]); returns the sums of the new r over its
+  // copy of d1 ([3, *S without d0 and d1] per tensor with ndim >= 2), one after the other in a
+  // flat float64 tensor. With skip true (a bool scalar) the state is left unchanged.
+  m.def(
+      "factored_update_(Tensor[] params, Tensor(a!)[] fac_row, Tensor(b!)[] fac_col, "
+      "Tensor[] gsq_sums, Tensor decays, Tensor? skip, int[] global_geometry) -> Tensor");
+
+  // Phase 3: momentum, rms and fac_diag updated in place; returns [T, 28] (small_fc_lopt) or
+  // [T, 30] (VeLO, nothing changed and zeros when skip) sums of squares of each feature channel
+  // over the shard, from the complete phase-2 row sums.
+  m.def(
+      "small_fc_lopt_feature_sums_(Tensor[] params, Tensor[] grads, Tensor(a!)[] momentum, "
+      "Tensor(b!)[] rms, Tensor[] fac_row, Tensor[] fac_col, Tensor(c!)[] fac_diag, "
+      "Tensor[] row_sums, Tensor decays, int[] global_geometry) -> Tensor");
+  m.def(
+      "velo_feature_sums_(Tensor[] params, Tensor[] grads, Tensor(a!)[] momentum, "
+      "Tensor(b!)[] rms, Tensor[] fac_row, Tensor[] fac_col, Tensor(c!)[] fac_diag, "
+      "Tensor[] row_sums, Tensor skip, int[] global_geometry) -> Tensor");
+
+  // Phase 4: the update of the parameters from the complete feature sums ([T, F]), as
+  // small_fc_lopt_step_ / velo_step_ do it for whole tensors.
+  m.def(
+      "small_fc_lopt_apply_(Tensor(a!)[] params, Tensor[] grads, Tensor[] momentum, "
+      "Tensor[] rms, Tensor[] fac_row, Tensor[] fac_col, Tensor[] fac_diag, "
+      "Tensor(b!)[] state_steps, Tensor lr, Tensor meta_weights, Tensor decays, "
+      "Tensor[] row_sums, Tensor feature_sums, int[] global_geometry, float weight_decay, "
+      "float step_mult, float exp_mult) -> ()");
+  m.def(
+      "velo_apply_(Tensor(a!)[] params, Tensor[] grads, Tensor[] momentum, Tensor[] rms, "
+      "Tensor[] fac_row, Tensor[] fac_col, Tensor[] fac_diag, Tensor lr, Tensor mlp_weights, "
+      "Tensor lr_mult, Tensor skip, Tensor[] row_sums, Tensor feature_sums, "
+      "int[] global_geometry, float weight_decay, float step_mult, float exp_mult) -> ()");
+
+  // VeLO's LSTM input statistics of shards (spec 3.2), float64 [T, 6]: without momentum_means,
+  // sum p^2, sum m_k (3), sum rms and the number of chunks holding a non-finite gradient; with
+  // the tensors' complete momentum means ([T, 3] float64), sum (m_k - mean_k)^2 (3) and
+  // sum (rms - mean_k)^2 (3).
+  m.def(
+      "velo_lstm_moments(Tensor[] params, Tensor[] grads, Tensor[] momentum, Tensor[] rms, "
+      "Tensor? momentum_means) -> Tensor");
+
+  // VeLO's LSTM input X [T, 30] (as velo_lstm_input) from the complete velo_lstm_moments sums
+  // and spreads of T tensors, their element counts and numbers of axes longer than 1.
+  m.def(
+      "velo_lstm_rows(Tensor loss_features, Tensor iteration, float num_steps, Tensor sums, "
+      "Tensor spreads, int[] numels, int[] dims) -> Tensor");
 }
 
 }  // namespace lo_ops

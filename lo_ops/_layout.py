@@ -99,6 +99,7 @@ VELO_LSTM_INPUTS = 30
 VELO_LSTM_HIDDEN = 512
 VELO_PARAM_INITS = 256  # weight sets of the per-element MLP
 VELO_NUM_FEATURES = 30
+VELO_GRAD_CLIP = 1000.0  # gradients are clipped to [-1000, 1000]
 VELO_MLP_HIDDEN = 4
 VELO_MLP_OUTPUTS = 3
 VELO_TIME_OFFSETS = (0.03, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0, 1.1)

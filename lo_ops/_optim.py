@@ -20,10 +20,12 @@ logger = logging.getLogger(__name__)
 class LearnedOptimizer(Optimizer):
     """A ``torch.optim.Optimizer`` whose step runs lo_ops' fused ops (or their reference).
 
-    Subclasses set ``_ops`` (the op names the step needs) and may extend ``add_param_group``.
+    Subclasses set ``_ops`` (the op names the step needs), ``_phase_ops`` (those the step of
+    sharded parameters needs) and may extend ``add_param_group``.
     """
 
     _ops: tuple[str, ...] = ()
+    _phase_ops: tuple[str, ...] = ()  # the ops of the step of sharded (DTensor) parameters
 
     def __init__(self, params, defaults: dict[str, Any], fused: bool | None,
                  constants: dict[str, Any] | None = None):
@@ -34,6 +36,7 @@ class LearnedOptimizer(Optimizer):
             raise ValueError(f"fused must be None, True or False, got {fused!r}")
         self.fused = fused
         self._use_fused: dict[str, bool] = {}
+        self._use_phased: dict[str, bool] = {}
         self._geometry: dict[Tensor, Geometry] = {}  # per parameter, from its global shape
         super().__init__(params, defaults)
 
@@ -67,26 +70,11 @@ class LearnedOptimizer(Optimizer):
                 )
             if _distributed.is_dtensor(p):
                 self._geometry[p] = _distributed.geometry(p, f"param_groups[{gi}] parameter {pi}")
-                self._note_sharded(gi, pi)
+                self._phased_fused_for(_distributed.local(p).device)
             else:
                 self._geometry[p] = Geometry.of(p)
             self._fused_for(_distributed.local(p).device)
         place_lr(group)
-
-    def _note_sharded(self, gi: int, pi: int) -> None:
-        """DTensor parameters take the phased reference (lo_ops._distributed): the fused
-        kernels do not take shards yet. fused=True, which demands them, is refused; with
-        fused=None this is logged once."""
-        name = type(self).__name__
-        if self.fused is True:
-            raise RuntimeError(
-                f"{name}(fused=True): param_groups[{gi}] parameter {pi} is a DTensor; sharded "
-                "parameters run the phased pure-PyTorch path (the fused kernels do not take "
-                "shards yet); use fused=None"
-            )
-        if self.fused is None and not getattr(self, "_sharded_noted", False):
-            self._sharded_noted = True
-            logger.warning("%s: DTensor parameters use the phased pure-PyTorch path", name)
 
     def _local_slots(self, lists: list[list[Tensor]]) -> list[Slot]:
         """Reference slots of the local parts of the ops' lists (see _distributed.local_slots)."""
@@ -150,6 +138,30 @@ class LearnedOptimizer(Optimizer):
                 )
             self._use_fused[key] = use
         return self._use_fused[key]
+
+    def _phased_fused_for(self, device: torch.device) -> bool:
+        """Whether DTensor parameters on ``device`` take the fused phase ops (lo_ops._phases)
+        rather than the phased reference (decided once per device type)."""
+        key = device.type
+        if key not in self._use_phased:
+            from . import has_kernel
+
+            name = type(self).__name__
+            missing = [op for op in self._phase_ops if not has_kernel(op, key)]
+            if self.fused is True and missing:
+                raise RuntimeError(
+                    f"{name}(fused=True): lo_ops was built without a {key} kernel for "
+                    f"{', '.join(missing)}, which sharded (DTensor) parameters need; use "
+                    "fused=None to fall back to the phased reference implementation"
+                )
+            use = not missing and self.fused is not False
+            if not use and self.fused is None:
+                logger.warning(
+                    "%s: no fused %s kernels for sharded parameters in this build; DTensor "
+                    "parameters on %s use the (slower) phased pure-PyTorch reference", name, key, key,
+                )
+            self._use_phased[key] = use
+        return self._use_phased[key]
 
 
 def split_buckets(lists: list[list[Tensor]]) -> dict[tuple[torch.device, torch.dtype], list[list[Tensor]]]:

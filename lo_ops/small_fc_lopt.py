@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import _distributed, reference
+from . import _distributed, _phases, reference
 from ._layout import effective_decays, state_shapes, unpack_weights
 from ._optim import LearnedOptimizer, accumulator_state, check_lr, check_weight_decay, group_lr, split_buckets
 from .networks import check_decay_offsets, load_small_fc_lopt_network
@@ -41,6 +41,7 @@ class SmallFCLOpt(LearnedOptimizer):
     """
 
     _ops = ("small_fc_lopt_step_",)
+    _phase_ops = ("factored_gsq_sums", "factored_update_", "small_fc_lopt_feature_sums_", "small_fc_lopt_apply_")
 
     def __init__(
         self,
@@ -156,11 +157,18 @@ class SmallFCLOpt(LearnedOptimizer):
         return loss
 
     def _step_sharded(self, group, sharded) -> None:
-        """The group's DTensor parameters: the phases on local shards, sums across ranks."""
+        """The group's DTensor parameters: the phases on local shards (the fused phase ops where
+        the device has them, else the reference), sums across ranks."""
         slots = self._local_slots(sharded[:7])
         device = slots[0].p.device
         weights, decays = self._meta(device)
         lr = group_lr(group, device)
+        if self._phased_fused_for(device):
+            _phases.small_fc_lopt_step(
+                slots, sharded[7], lr=lr, weights=weights, decays=decays, weight_decay=float(group["weight_decay"]),
+                step_mult=self.step_mult, exp_mult=self.exp_mult, reduce=_distributed.all_reduce_sums,
+            )
+            return
         reference.small_fc_lopt_slots(
             slots, sharded[7], lr=lr, weights=[unpack_weights(weights)] * len(slots),
             decays=[decays] * len(slots), weight_decay=float(group["weight_decay"]),

@@ -11,10 +11,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _distributed, reference
+from . import _distributed, _phases, reference
 from . import velo_reference as ref
 from ._layout import (
     VELO_DECAYS,
+    VELO_GRAD_CLIP,
     VELO_LOSS_BUFFER,
     VELO_LSTM_HIDDEN,
     VELO_LSTM_INPUTS,
@@ -79,6 +80,8 @@ class VeLO(LearnedOptimizer):
     """
 
     _ops = ("velo_lstm_input", "velo_step_")
+    _phase_ops = ("factored_gsq_sums", "factored_update_", "velo_lstm_moments", "velo_lstm_rows",
+                  "velo_feature_sums_", "velo_apply_")
 
     def __init__(
         self,
@@ -163,6 +166,7 @@ class VeLO(LearnedOptimizer):
             self._net = copy.deepcopy(self.network).to(device).requires_grad_(False)
             self._mlp_sets = self._net.packed_mlp_sets()
             self._loss_decays = ref.loss_buffer_decays(self.num_steps).to(device)
+            self._velo_decays = torch.tensor(VELO_DECAYS, dtype=torch.float32, device=device)
             self.velo_state = {
                 "iteration": torch.zeros((), dtype=torch.float32, device=device),
                 "loss_means": torch.zeros(VELO_LOSS_BUFFER, dtype=torch.float32, device=device),
@@ -348,7 +352,79 @@ class VeLO(LearnedOptimizer):
         own = slice(torch.distributed.get_rank(group) * n, torch.distributed.get_rank(group) * n + T)
         return new_hidden[own], new_cell[own], controls[own], lr_mult[own], finite
 
+    def _shared_lstm_inputs(self, loss_features: Tensor) -> Tensor:
+        """The 18 LSTM inputs every tensor shares: time features, then loss features."""
+        return torch.cat([ref.time_features(self.velo_state["iteration"], float(self.num_steps)), loss_features])
+
     def _step_phased(self, slots, loss_t, loss_features, old_hidden, old_cell):
+        """With DTensor parameters: the phase ops on local shards where the device has them
+        (``_step_phased_fused``), the reference's phases otherwise."""
+        if self._phased_fused_for(self._device):
+            return self._step_phased_fused(slots, loss_t, loss_features, old_hidden, old_cell)
+        return self._step_phased_reference(slots, loss_t, loss_features, old_hidden, old_cell)
+
+    def _step_phased_fused(self, slots, loss_t, loss_features, old_hidden, old_cell):
+        """The phase ops (lo_ops._phases) on local shards, per (param group, dtype) bucket; three
+        rounds of sums across ranks, the LSTM statistics riding in the first two. Every rank runs
+        the per-tensor network on the same T rows (in the order of ``slots``)."""
+        reduce = _distributed.all_reduce_sums
+        groups, slots = [g for g, _ in slots], [s for _, s in slots]
+        buckets = _phases.buckets_of(slots, key=lambda i: id(groups[i]))
+        lists = [b.accumulators for b in buckets]
+        decays = self._velo_decays
+        # Round 1: g^2 sums and the plain LSTM sums.
+        gsq = [x for b in buckets for x in _phases.gsq_sums(b, VELO_GRAD_CLIP)]
+        n_gsq = [2 * len(b.factored) for b in buckets]
+        moments = [x for b, (m, v, *_) in zip(buckets, lists)
+                   for x in _phases.per_tensor(torch.ops.lo_ops.velo_lstm_moments(b.params, b.grads, m, v, None), b)]
+        first = reduce(gsq + moments)
+        counts = [len(b.slots) for b in buckets]
+        gsq = _phases.split(first[:len(gsq)], n_gsq)
+        sums = [torch.stack(x) for x in _phases.split(first[sum(n_gsq):], counts)]
+        nonfinite = torch.cat([t[:, 5] for t in sums]).sum()
+        finite = torch.isfinite(loss_t) & (nonfinite == 0)
+        skip = ~finite
+        # Round 2: r and c, their row sums, and the spreads about the momentum means.
+        rows = [x for b, g in zip(buckets, gsq) for x in _phases.factored_update(b, g, decays, skip)]
+        n_rows = [len(b.factored) for b in buckets]
+        spreads = []
+        for b, (m, v, *_), total in zip(buckets, lists, sums):
+            n = torch.tensor([max(s.geo.numel, 1) for s in b.slots], dtype=torch.float64, device=total.device)
+            mu = (total[:, 1:4] / n[:, None]).contiguous()
+            spreads += _phases.per_tensor(torch.ops.lo_ops.velo_lstm_moments(b.params, b.grads, m, v, mu), b)
+        second = reduce(rows + spreads)
+        rows = _phases.split(second[:len(rows)], n_rows)
+        spreads = [torch.stack(x) for x in _phases.split(second[sum(n_rows):], counts)]
+        # The LSTM rows in the order of `slots` (buckets group them by param group and dtype).
+        sums, spreads = torch.cat(sums), torch.cat(spreads)
+        order = [i for b in buckets for i in b.index]
+        if order != sorted(order):
+            position = [0] * len(order)
+            for j, i in enumerate(order):
+                position[i] = j
+            position = torch.tensor(position, device=sums.device)
+            sums, spreads = sums[position], spreads[position]
+        X = torch.ops.lo_ops.velo_lstm_rows(
+            loss_features, self.velo_state["iteration"], float(self.num_steps), sums, spreads,
+            [s.geo.numel for s in slots], [sum(1 for d in s.geo.shape if d > 1) for s in slots])
+        new_hidden, new_cell, controls, lr_mult = ref.per_tensor_network(X, old_hidden, old_cell, self._net)
+        mlp_weights = ref.blend_mlp_weights(controls, self._mlp_sets)
+        # Round 3: the feature sums; then each bucket's update.
+        partial = []
+        for b, (m, v, fr, fc, fd), r in zip(buckets, lists, rows):
+            partial += _phases.per_tensor(torch.ops.lo_ops.velo_feature_sums_(
+                b.params, b.grads, m, v, fr, fc, fd, r, skip, b.geometry), b)
+        features = _phases.split(reduce(partial), [len(b.slots) for b in buckets])
+        for b, acc, r, f in zip(buckets, lists, rows, features):
+            group = groups[b.index[0]]
+            index = torch.tensor(b.index, device=self._device)
+            torch.ops.lo_ops.velo_apply_(
+                b.params, b.grads, *acc, group_lr(group, self._device), mlp_weights[index].contiguous(),
+                lr_mult[index].contiguous(), skip, r, torch.stack(f), b.geometry, float(group["weight_decay"]),
+                self.step_mult, self.exp_mult)
+        return finite, new_hidden, new_cell
+
+    def _step_phased_reference(self, slots, loss_t, loss_features, old_hidden, old_cell):
         """With DTensor parameters: the reference's phases on local shards, each phase's sums
         completed across ranks in one collective per process group (lo_ops._distributed).
         The LSTM input of every tensor comes from its global sums, so every rank runs the
@@ -357,8 +433,8 @@ class VeLO(LearnedOptimizer):
         groups, slots = [g for g, _ in slots], [s for _, s in slots]
         tensors = ref.slot_tensors(slots)
         saved = [t.clone() for t in tensors]
-        decays = [torch.tensor(VELO_DECAYS, dtype=torch.float32, device=self._device)] * len(slots)
-        g32s = [s.g32(clip=1000.0) for s in slots]
+        decays = [self._velo_decays] * len(slots)
+        g32s = [s.g32(clip=VELO_GRAD_CLIP) for s in slots]
         p32s = [s.p32() for s in slots]
         n_gsq = 2 * sum(1 for s in slots if s.geo.factored)
         first = reduce(reference.gsq_phase(slots, g32s)
@@ -370,10 +446,8 @@ class VeLO(LearnedOptimizer):
             for s, total in zip(slots, sums)
         ])
         row_sums, spreads = second[:n_rows], second[n_rows:]
-        shared = torch.cat([ref.time_features(self.velo_state["iteration"], float(self.num_steps)),
-                            loss_features])
-        X = torch.stack([ref.lstm_row(shared, total, spread, s.geo)
-                         for s, total, spread in zip(slots, sums, spreads)])
+        X = ref.lstm_rows(self._shared_lstm_inputs(loss_features), torch.stack(sums), torch.stack(spreads),
+                          [s.geo for s in slots])
         nonfinite = torch.stack([total[5] for total in sums]).sum()
         finite = torch.isfinite(loss_t) & (nonfinite == 0)
         new_hidden, new_cell, controls, lr_mult = ref.per_tensor_network(X, old_hidden, old_cell, self._net)

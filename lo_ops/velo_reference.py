@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ._layout import (
     VELO_DECAYS,
+    VELO_GRAD_CLIP,
     VELO_LOSS_BUFFER,
     VELO_NUM_FEATURES,
     VELO_PARAM_INITS,
@@ -118,6 +119,24 @@ def lstm_row(shared: Tensor, sums: Tensor, spreads: Tensor, geo: Geometry) -> Te
     ])
 
 
+def lstm_rows(shared: Tensor, sums: Tensor, spreads: Tensor, geos: list[Geometry]) -> Tensor:
+    """``lstm_row`` of T tensors at once: ``sums`` and ``spreads`` are their complete
+    ``lstm_sums`` and ``lstm_spreads`` stacked ([T, 6] each)."""
+    T = len(geos)
+    n = torch.tensor([max(geo.numel, 1) for geo in geos], dtype=torch.float64, device=shared.device)
+    s = torch.rsqrt(torch.clamp((sums[:, 0] / n).float(), min=1e-9))
+    onehot = torch.zeros(T, 5, dtype=torch.float32)
+    for i, geo in enumerate(geos):
+        dims = sum(1 for d in geo.shape if d > 1)
+        if dims < 5:
+            onehot[i, dims] = 1.0
+    s2 = (s * s)[:, None]
+    return torch.cat([
+        shared.expand(T, -1), _cla((sums[:, 4] / n).float() * s)[:, None], onehot.to(shared.device),
+        _cla((spreads[:, 0:3] / n[:, None]).float() * s2), _cla((spreads[:, 3:6] / n[:, None]).float() * s2),
+    ], dim=1)
+
+
 @torch.no_grad()
 def velo_lstm_input(params, grads, momentum, rms, loss_features, iteration, num_steps):
     """Reference of ``lo_ops::velo_lstm_input``: ``(X [T, 30], all grads finite)``."""
@@ -187,7 +206,7 @@ def velo_slots(slots: list[Slot], *, lr, mlp_weights: Tensor, lr_mult: Tensor, w
     if not slots:
         return
     decays = [torch.tensor(VELO_DECAYS, dtype=torch.float32, device=slots[0].p.device)] * len(slots)
-    g32s = [s.g32(clip=1000.0) for s in slots]
+    g32s = [s.g32(clip=VELO_GRAD_CLIP) for s in slots]
     p32s = [s.p32() for s in slots]
     feature_fn = lambda i, g32, acc: features(g32, p32s[i], acc)  # noqa: E731
     row_sums = reduce(factored_phase(slots, decays, reduce(gsq_phase(slots, g32s))))

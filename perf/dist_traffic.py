@@ -4,7 +4,8 @@ Spawns W gloo processes on 127.0.0.1, shards a parameter set of ../shared/bench/
 along dim 0 (as FSDP2's fully_shard does), takes optimizer steps with random gradients and
 records every functional collective the step issues (count, payload bytes). The reference
 point is one FSDP2 all-gather of the parameters (fp32), which each training step does at
-least once. Writes perf/results/dist_traffic_<set>_w<W>.json and prints a table.
+least once. Also times the step with the fused phase ops and with the phased reference, and
+the same optimizer in one process on the whole tensors (the ratio's baseline, same run). Writes perf/results/dist_traffic_<set>_w<W>.json and prints a table.
 
     python perf/dist_traffic.py [--set vit_tiny_16] [--world-size 2]
 """
@@ -63,30 +64,42 @@ def _worker(rank, world, port, shapes, velo_weights, steps, out):
 
     full = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
     results = {}
-    makers = {"SmallFCLOpt": lambda ps: lo_ops.SmallFCLOpt(ps)}
+    makers = {"SmallFCLOpt": lambda ps, fused: lo_ops.SmallFCLOpt(ps, fused=fused)}
     if velo_weights:
-        makers["VeLO"] = lambda ps: lo_ops.VeLO(ps, num_steps=1000, pretrained=velo_weights)
-    for name, make in makers.items():
-        params = [torch.nn.Parameter(sharded(t.clone())) for t in full]
-        opt = make(params)
+        makers["VeLO"] = lambda ps, fused: lo_ops.VeLO(ps, num_steps=1000, pretrained=velo_weights, fused=fused)
+
+    def run(name, opt, params, grad):
+        """Median step time and the collectives of the last step (after a warm-up step)."""
         logs, times = [], []
         for k in range(steps + 1):
             for p in params:
-                p.grad = sharded(torch.randn(p.shape, generator=gen) * 1e-3)
+                p.grad = grad(torch.randn(p.shape, generator=gen) * 1e-3)
             log = CollectiveLog()
             dist.barrier()
             start = time.perf_counter()
             with log:
                 opt.step(loss=torch.tensor(1.0 / (k + 1))) if name == "VeLO" else opt.step()
             times.append(time.perf_counter() - start)
-            if k > 0:  # the first step is a warm-up
-                logs.append(log.calls)
-        calls = logs[-1]
+            logs.append(log.calls)
+        return sorted(times[1:])[len(times[1:]) // 2], logs[-1]
+
+    for name, make in makers.items():
+        # The same step in one process on the whole tensors (fused kernels, 1 thread): the
+        # baseline of this run.
+        params = [torch.nn.Parameter(t.clone()) for t in full]
+        one_process, _ = run(name, make(params, True), params, lambda g: g)
+        timings = {}
+        for path, fused in (("fused", True), ("reference", False)):
+            params = [torch.nn.Parameter(sharded(t.clone())) for t in full]
+            timings[path], calls = run(name, make(params, fused), params, sharded)
         results[name] = {
             "collectives_per_step": len(calls),
             "by_kind": {kind: sum(1 for c, _ in calls if c == kind) for kind in sorted({c for c, _ in calls})},
             "payload_bytes_per_step": sum(b for _, b in calls),
-            "step_seconds_median": sorted(times[1:])[len(times[1:]) // 2],
+            "step_seconds_median": timings["fused"],
+            "reference_step_seconds_median": timings["reference"],
+            "one_process_step_seconds_median": one_process,
+            "ratio_to_one_process": timings["fused"] / one_process,
         }
     if rank == 0:
         param_bytes = sum(t.numel() * 4 for t in full)
@@ -133,7 +146,10 @@ def main(argv=None):
         print(f"  {name}: {r['collectives_per_step']} collectives/step {r['by_kind']}, payload "
               f"{r['payload_bytes_per_step'] / 1e3:.1f} kB, ring {r['ring_bytes_per_rank'] / 1e3:.1f} kB/rank "
               f"({100 * r['ratio_to_fsdp2_all_gather']:.2f}% of the all-gather), "
-              f"step {1e3 * r['step_seconds_median']:.0f} ms (CPU, phased path)")
+              f"step {1e3 * r['step_seconds_median']:.0f} ms (phase ops; phased reference "
+              f"{1e3 * r['reference_step_seconds_median']:.0f} ms; one process on whole tensors "
+              f"{1e3 * r['one_process_step_seconds_median']:.0f} ms: ratio "
+              f"{r['ratio_to_one_process']:.2f}; CPU, 1 thread per rank)")
     print(f"wrote {out}")
 
 

@@ -161,6 +161,16 @@ inline void add_reduce_tasks(std::vector<ReduceTask>& tasks, int tensor, int kin
                        std::min(I, i0 + ib)});
 }
 
+// Tasks summing r ([*S without d0], per channel) over its copy of d1: when d0 is P the view
+// [A*B, Q, C], else [A, P, B*C]; output index o * I + i is then the index in S without d0, d1.
+inline void add_row_sum_tasks(std::vector<ReduceTask>& tasks, int tensor,
+                              const FactoredGeometry& geo, int kind) {
+  if (geo.d0_is_p)
+    add_reduce_tasks(tasks, tensor, kind, geo.A * geo.B, geo.Q, geo.C);
+  else
+    add_reduce_tasks(tasks, tensor, kind, geo.A, geo.P, geo.B * geo.C);
+}
+
 // sum over r of x(o, r, i) for i in [i0, i1), where load(e, count) returns the `count` values
 // from flat index e on as float vector lanes (the rest zero). Summed in double vector lanes,
 // combined in a fixed order.
@@ -266,6 +276,43 @@ LO_HD void run_reduce_task(const ReduceTask& t, TensorWork<P>& w) {
           w.row_fac[k * size + e] = row_factor(r[e], mean);
         }
       }
+    }
+  }
+}
+
+// The phase ops' reductions (tensors that may be shards): sums, not means, written out for the
+// caller to add up across shards.
+
+// Sums of g^2 + 1e-30 (g clipped to [-grad_clip, grad_clip] when grad_clip > 0) over the middle
+// axis of the task's view, into out[o * I + i].
+template <typename Isa, typename scalar_t>
+LO_HD void gsq_sum_task(const ReduceTask& t, const scalar_t* g, float grad_clip, double* out) {
+  using V = typename Isa::V;
+  double acc[256];
+  const auto gsq = [&](int64_t e, int count) {
+    V x = load_lanes<V>(g + e, count);
+    if (grad_clip > 0.f) x = clip(x, -grad_clip, grad_clip);
+    return first_lanes(factored_gsq(x), count);
+  };
+  for (int64_t o = t.o0; o < t.o1; ++o) {
+    reduce_middle<V>(t, o, gsq, acc);
+    for (int64_t i = t.i0; i < t.i1; ++i) out[o * t.I + i] = acc[i - t.i0];
+  }
+}
+
+// Sums of each of r's channels (planes of `size` values) over the middle axis of the task's
+// view, into out[k * out_size + o * I + i].
+template <typename Isa>
+LO_HD void row_sum_task(const ReduceTask& t, const float* r, int64_t size, int64_t out_size,
+                        double* out) {
+  using V = typename Isa::V;
+  double acc[256];
+  for (int k = 0; k < kFactoredChannels; ++k) {
+    const float* plane = r + k * size;
+    const auto values = [&](int64_t e, int count) { return load_lanes<V>(plane + e, count); };
+    for (int64_t o = t.o0; o < t.o1; ++o) {
+      reduce_middle<V>(t, o, values, acc);
+      for (int64_t i = t.i0; i < t.i1; ++i) out[k * out_size + o * t.I + i] = acc[i - t.i0];
     }
   }
 }
@@ -557,10 +604,35 @@ LO_HD void update_chunk(TensorWork<P>& w, int64_t e0, int64_t e1, float lr, floa
     update_chunk<P, ISA, scalar_t, factored>(w, e0, e1, lr, wd, em);                           \
   }
 
+// state <- ema(state, sums / count, decay) over `size` values: phase 2's r and c from complete
+// sums, compiled like pass 1 (one entry per instruction set) so that it rounds the same.
+LO_HD void ema_of_sums(float* state, const double* sums, int64_t size, double count, float decay) {
+  for (int64_t e = 0; e < size; ++e)
+    state[e] = ema(state[e], static_cast<float>(sums[e] / count), decay);
+}
+
+#define LO_DEFINE_SUM_ENTRIES(NAME, ISA, TARGET)                                               \
+  template <typename scalar_t>                                                                 \
+  TARGET void gsq_sum_task_##NAME(const ReduceTask& t, const scalar_t* g, float clip,          \
+                                  double* out) {                                               \
+    gsq_sum_task<ISA, scalar_t>(t, g, clip, out);                                              \
+  }                                                                                            \
+  TARGET inline void row_sum_task_##NAME(const ReduceTask& t, const float* r, int64_t size,    \
+                                         int64_t out_size, double* out) {                      \
+    row_sum_task<ISA>(t, r, size, out_size, out);                                              \
+  }                                                                                            \
+  TARGET inline void ema_of_sums_##NAME(float* state, const double* sums, int64_t size,        \
+                                        double count, float decay) {                           \
+    ema_of_sums(state, sums, size, count, decay);                                              \
+  }
+
 LO_DEFINE_ENTRIES(base, IsaBase, )
+LO_DEFINE_SUM_ENTRIES(base, IsaBase, )
 #if LO_HAVE_ISA_CLONES
 LO_DEFINE_ENTRIES(avx2, IsaAvx2, LO_TARGET_AVX2)
 LO_DEFINE_ENTRIES(avx512, IsaAvx512, LO_TARGET_AVX512)
+LO_DEFINE_SUM_ENTRIES(avx2, IsaAvx2, LO_TARGET_AVX2)
+LO_DEFINE_SUM_ENTRIES(avx512, IsaAvx512, LO_TARGET_AVX512)
 #endif
 
 enum class CpuIsa { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
@@ -615,6 +687,33 @@ void update_chunk_for(CpuIsa isa, TensorWork<P>& w, int64_t e0, int64_t e1, floa
   update_chunk_base<P, scalar_t, factored>(w, e0, e1, lr, wd, em);
 }
 
+template <typename scalar_t>
+void gsq_sum_task_for(CpuIsa isa, const ReduceTask& t, const scalar_t* g, float clip, double* out) {
+#if LO_HAVE_ISA_CLONES
+  if (isa == CpuIsa::kAvx512) return gsq_sum_task_avx512(t, g, clip, out);
+  if (isa == CpuIsa::kAvx2) return gsq_sum_task_avx2(t, g, clip, out);
+#endif
+  gsq_sum_task_base(t, g, clip, out);
+}
+
+inline void row_sum_task_for(CpuIsa isa, const ReduceTask& t, const float* r, int64_t size,
+                             int64_t out_size, double* out) {
+#if LO_HAVE_ISA_CLONES
+  if (isa == CpuIsa::kAvx512) return row_sum_task_avx512(t, r, size, out_size, out);
+  if (isa == CpuIsa::kAvx2) return row_sum_task_avx2(t, r, size, out_size, out);
+#endif
+  row_sum_task_base(t, r, size, out_size, out);
+}
+
+inline void ema_of_sums_for(CpuIsa isa, float* state, const double* sums, int64_t size,
+                            double count, float decay) {
+#if LO_HAVE_ISA_CLONES
+  if (isa == CpuIsa::kAvx512) return ema_of_sums_avx512(state, sums, size, count, decay);
+  if (isa == CpuIsa::kAvx2) return ema_of_sums_avx2(state, sums, size, count, decay);
+#endif
+  ema_of_sums_base(state, sums, size, count, decay);
+}
+
 // Sum of squares of `size` values (double, in order).
 inline double sum_squares(const float* base, int64_t size) {
   double s = 0.0;
@@ -656,27 +755,31 @@ void accumulator_contribution(const float* ws, const float* values, const float*
   }
 }
 
-// Folds the normalisation scales and P's constant inputs into the first layer of `w`, and sets
-// its step scale; for a factored tensor also completes the sums of its row/column channels
-// (each r value stands for size(d0) elements, each c value for size(d1)) and turns those
-// channels into per-row and per-column first-layer contributions.
+// The sums of squares of a factored tensor's row and column channels over its elements, into
+// `sums` (F channels): each r value stands for the tensor's length along d0, each c value for
+// its length along d1 (of a shard: the shard's lengths, so that the shards' sums add up).
 template <class P>
-void fold_first_layer(TensorWork<P>& w, const double* element_sums, float step_mult) {
+void set_accumulator_sums(const TensorWork<P>& w, double* sums) {
+  if (!w.info.factored) return;
+  const auto& geo = w.info.geo;
+  const double d0_len = static_cast<double>(geo.d0_is_p ? geo.P : geo.Q);
+  const double d1_len = static_cast<double>(geo.d0_is_p ? geo.Q : geo.P);
+  accumulator_sums(w.row, w.row_rsqrt, geo.row_numel(), d0_len, sums + P::kFirstRowChannel);
+  accumulator_sums(w.col, w.col_rsqrt, geo.col_numel(), d1_len, sums + P::kFirstColChannel);
+}
+
+// Folds the normalisation scales (from `sums`, the complete sums of squares of the F feature
+// channels over the whole tensor) and P's constant inputs into the first layer of `w`, and
+// sets its step scale; for a factored tensor turns the row/column channels into per-row and
+// per-column first-layer contributions.
+template <class P>
+void fold_first_layer(TensorWork<P>& w, const double* sums, float step_mult) {
   constexpr int F = P::kFeatures;
-  double sums[F];
-  for (int c = 0; c < F; ++c) sums[c] = element_sums[c];
   const int64_t rsize = w.info.factored ? w.info.geo.row_numel() : 0;
   const int64_t csize = w.info.factored ? w.info.geo.col_numel() : 0;
-  if (w.info.factored) {
-    const auto& geo = w.info.geo;
-    const double d0_len = static_cast<double>(geo.d0_is_p ? geo.P : geo.Q);
-    const double d1_len = static_cast<double>(geo.d0_is_p ? geo.Q : geo.P);
-    accumulator_sums(w.row, w.row_rsqrt, rsize, d0_len, sums + P::kFirstRowChannel);
-    accumulator_sums(w.col, w.col_rsqrt, csize, d1_len, sums + P::kFirstColChannel);
-  }
   float scale[F];
-  for (int c = 0; c < F; ++c) scale[c] = normalisation_scale(sums[c], w.info.numel);
-  w.step_scale = P::step_scale(w.lr_mult, sums[P::kParamChannel], w.info.numel, step_mult);
+  for (int c = 0; c < F; ++c) scale[c] = normalisation_scale(sums[c], w.info.total_numel);
+  w.step_scale = P::step_scale(w.lr_mult, sums[P::kParamChannel], w.info.total_numel, step_mult);
   for (int j = 0; j < P::kHidden; ++j) {
     const float* row = w.weights + P::kW0 + j * P::kInputs;
     float ws[F];
@@ -722,13 +825,9 @@ void parallel_items(int64_t n, Cost cost, F fn) {
   });
 }
 
-// One step over a bucket: `work` filled by prepare_work, with `weights` (and P's per-tensor
-// values) set for every tensor.
+// Pass 1 of a whole-tensor step: r and c from the means of g^2, then the row factors.
 template <class P, typename scalar_t>
-void step_bucket(std::vector<TensorWork<P>>& work, float lr,
-                 double weight_decay, double step_mult, double exp_mult) {
-  const CpuIsa isa = select_isa();
-  // Pass 1: factored second moments.
+void factored_pass(std::vector<TensorWork<P>>& work, CpuIsa isa) {
   std::vector<ReduceTask> reduce;
   for (int ti = 0; ti < static_cast<int>(work.size()); ++ti) {
     const auto& w = work[ti];
@@ -749,22 +848,21 @@ void step_bucket(std::vector<TensorWork<P>>& work, float lr,
   for (int ti = 0; ti < static_cast<int>(work.size()); ++ti) {
     const auto& w = work[ti];
     if (!w.info.factored || w.info.numel == 0) continue;
-    const auto& geo = w.info.geo;
-    // r drops d0; its copy of d1 is Q when d0 is P (view [A*B, Q, C]), else P ([A, P, B*C]).
-    if (geo.d0_is_p)
-      add_reduce_tasks(reduce, ti, 2, geo.A * geo.B, geo.Q, geo.C);
-    else
-      add_reduce_tasks(reduce, ti, 2, geo.A, geo.P, geo.B * geo.C);
+    add_row_sum_tasks(reduce, ti, w.info.geo, 2);
   }
   parallel_items(static_cast<int64_t>(reduce.size()), reduce_cost, [&](int64_t i) {
     reduce_task_for<P, scalar_t>(isa, reduce[i], work[reduce[i].tensor]);
   });
+}
 
-  // Pass 2: per-element accumulators and feature statistics.
-  struct Chunk {
-    int tensor;
-    int64_t e0, e1;
-  };
+// The work items of passes 2 and 3: kChunk elements of one tensor each, tensor by tensor.
+struct Chunk {
+  int tensor;
+  int64_t e0, e1;
+};
+
+template <class P>
+std::vector<Chunk> make_chunks(std::vector<TensorWork<P>>& work) {
   std::vector<Chunk> chunks;
   for (int ti = 0; ti < static_cast<int>(work.size()); ++ti) {
     auto& w = work[ti];
@@ -773,10 +871,21 @@ void step_bucket(std::vector<TensorWork<P>>& work, float lr,
       chunks.push_back({ti, e0, std::min(w.info.numel, e0 + kChunk)});
     w.num_chunks = static_cast<int64_t>(chunks.size()) - w.first_chunk;
   }
+  return chunks;
+}
+
+inline int64_t chunk_cost(const Chunk& c) { return c.e1 - c.e0 + kMaxLanes; }
+
+// Pass 2: momentum, rms and diagonal accumulators in place; returns each tensor's sums of
+// squares of its element-wise feature channels, [T, F] (chunk sums added in chunk order; a
+// factored tensor's row/column channels are left 0).
+template <class P, typename scalar_t>
+std::vector<double> element_pass(std::vector<TensorWork<P>>& work, const std::vector<Chunk>& chunks,
+                                 CpuIsa isa) {
   constexpr int F = P::kFeatures;
   std::vector<double> sums(chunks.size() * F);
-  const auto chunk_cost = [&](int64_t i) { return chunks[i].e1 - chunks[i].e0 + kMaxLanes; };
-  parallel_items(static_cast<int64_t>(chunks.size()), chunk_cost, [&](int64_t i) {
+  parallel_items(static_cast<int64_t>(chunks.size()),
+                 [&](int64_t i) { return chunk_cost(chunks[i]); }, [&](int64_t i) {
     const Chunk& c = chunks[i];
     auto& w = work[c.tensor];
     double* out = sums.data() + i * F;
@@ -785,8 +894,24 @@ void step_bucket(std::vector<TensorWork<P>>& work, float lr,
     else
       accumulate_chunk_for<P, scalar_t, false>(isa, w, c.e0, c.e1, out);
   });
+  std::vector<double> totals(work.size() * F, 0.0);
+  for (size_t ti = 0; ti < work.size(); ++ti) {
+    const auto& w = work[ti];
+    for (int64_t ci = w.first_chunk; ci < w.first_chunk + w.num_chunks; ++ci)
+      for (int c = 0; c < F; ++c) totals[ti * F + c] += sums[ci * F + c];
+  }
+  return totals;
+}
 
-  // Pass 3: fold the per-tensor constants into the first layer, then MLP and update.
+// Pass 3: the per-tensor constants folded into the first layer, then the MLP and the update.
+// `sums` ([T, F]) are each tensor's complete feature sums of squares; with
+// `add_accumulators`, `sums` hold pass 2's element-wise sums and the row/column channels are
+// added here (the tensors are whole).
+template <class P, typename scalar_t>
+void update_pass(std::vector<TensorWork<P>>& work, const std::vector<Chunk>& chunks, CpuIsa isa,
+                 double* sums, bool add_accumulators, float lr, double weight_decay,
+                 double step_mult, double exp_mult) {
+  constexpr int F = P::kFeatures;
   const auto fold_cost = [&](int64_t ti) {
     const auto& info = work[ti].info;
     return info.factored ? P::kHidden * (info.geo.row_numel() + info.geo.col_numel())
@@ -796,13 +921,12 @@ void step_bucket(std::vector<TensorWork<P>>& work, float lr,
   parallel_items(static_cast<int64_t>(work.size()), fold_cost, [&](int64_t ti) {
     auto& w = work[ti];
     if (w.info.numel == 0) return;
-    double total[F] = {};
-    for (int64_t ci = w.first_chunk; ci < w.first_chunk + w.num_chunks; ++ci)
-      for (int c = 0; c < F; ++c) total[c] += sums[ci * F + c];
-    fold_first_layer(w, total, sm);
+    if (add_accumulators) set_accumulator_sums(w, sums + ti * F);
+    fold_first_layer(w, sums + ti * F, sm);
   });
   const float wd = static_cast<float>(weight_decay), em = static_cast<float>(exp_mult);
-  parallel_items(static_cast<int64_t>(chunks.size()), chunk_cost, [&](int64_t i) {
+  parallel_items(static_cast<int64_t>(chunks.size()),
+                 [&](int64_t i) { return chunk_cost(chunks[i]); }, [&](int64_t i) {
     const Chunk& c = chunks[i];
     auto& w = work[c.tensor];
     if (w.info.factored)
@@ -810,6 +934,19 @@ void step_bucket(std::vector<TensorWork<P>>& work, float lr,
     else
       update_chunk_for<P, scalar_t, false>(isa, w, c.e0, c.e1, lr, wd, em);
   });
+}
+
+// One step over a bucket of whole tensors: `work` filled by prepare_work, with `weights` (and
+// P's per-tensor values) set for every tensor.
+template <class P, typename scalar_t>
+void step_bucket(std::vector<TensorWork<P>>& work, float lr,
+                 double weight_decay, double step_mult, double exp_mult) {
+  const CpuIsa isa = select_isa();
+  factored_pass<P, scalar_t>(work, isa);
+  const std::vector<Chunk> chunks = make_chunks(work);
+  std::vector<double> sums = element_pass<P, scalar_t>(work, chunks, isa);
+  update_pass<P, scalar_t>(work, chunks, isa, sums.data(), true, lr, weight_decay, step_mult,
+                           exp_mult);
 }
 
 // One op call over a bucket: its work list, setup(i, work[i]) for P's per-tensor values

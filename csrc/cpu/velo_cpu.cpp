@@ -144,6 +144,17 @@ void chunk_moments_for(cpu::CpuIsa isa, const scalar_t* p, const scalar_t* g, co
   chunk_moments_base(p, g, m, n, v, e0, e1, out);
 }
 
+// The LSTM inputs every tensor shares: the time features, then the loss features.
+constexpr int kSharedInputs = velo::kFirstLossFeature + velo::kLossFeatures;
+void shared_inputs(const at::Tensor& loss_features, const at::Tensor& iteration, double num_steps,
+                   float* out) {
+  const float t = *iteration.data_ptr<float>();
+  const float* loss = loss_features.data_ptr<float>();
+  for (int k = 0; k < velo::kTimeFeatures; ++k)
+    out[k] = velo::time_feature(t, static_cast<float>(num_steps), k);
+  for (int k = 0; k < velo::kLossFeatures; ++k) out[velo::kFirstLossFeature + k] = loss[k];
+}
+
 std::tuple<at::Tensor, at::Tensor> velo_lstm_input_cpu(at::TensorList params,
                                                        at::TensorList grads,
                                                        at::TensorList momentum,
@@ -155,12 +166,8 @@ std::tuple<at::Tensor, at::Tensor> velo_lstm_input_cpu(at::TensorList params,
   const int64_t T = static_cast<int64_t>(params.size());
   at::Tensor X = at::empty({T, velo::kLstmInputs}, loss_features.options());
   at::Tensor finite = at::empty({}, loss_features.options().dtype(at::kBool));
-  const float t = *iteration.data_ptr<float>();
-  const float* loss = loss_features.data_ptr<float>();
-  float shared_row[velo::kFirstLossFeature + velo::kLossFeatures];
-  for (int k = 0; k < velo::kTimeFeatures; ++k)
-    shared_row[k] = velo::time_feature(t, static_cast<float>(num_steps), k);
-  for (int k = 0; k < velo::kLossFeatures; ++k) shared_row[velo::kFirstLossFeature + k] = loss[k];
+  float shared_row[kSharedInputs];
+  shared_inputs(loss_features, iteration, num_steps, shared_row);
 
   struct Chunk {
     int64_t tensor, e0, e1;
@@ -202,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor> velo_lstm_input_cpu(at::TensorList params,
   float* out = X.data_ptr<float>();
   for (int64_t i = 0; i < T; ++i) {
     float* row = out + i * velo::kLstmInputs;
-    std::copy(shared_row, shared_row + velo::kFirstLossFeature + velo::kLossFeatures, row);
+    std::copy(shared_row, shared_row + kSharedInputs, row);
     int dims = 0;
     for (const int64_t s : params[i].sizes()) dims += s > 1 ? 1 : 0;
     const int64_t n = params[i].numel();
@@ -214,9 +221,114 @@ std::tuple<at::Tensor, at::Tensor> velo_lstm_input_cpu(at::TensorList params,
   return {X, finite};
 }
 
+// The moments of shards: plain sums, or sums of squares about the whole tensors' momentum
+// means (see lo_ops.cpp), from the same chunk moments as velo_lstm_input.
+at::Tensor velo_lstm_moments_cpu(at::TensorList params, at::TensorList grads,
+                                 at::TensorList momentum, at::TensorList rms,
+                                 const c10::optional<at::Tensor>& momentum_means) {
+  check_velo_lstm_moments_inputs(params, grads, momentum, rms, momentum_means);
+  const int64_t T = static_cast<int64_t>(params.size());
+  constexpr int kWidth = 6;
+  if (T == 0) {
+    const auto options = momentum_means.has_value() ? momentum_means->options()
+                                                    : at::TensorOptions().dtype(at::kDouble);
+    return at::zeros({0, kWidth}, options.dtype(at::kDouble));
+  }
+  at::Tensor out = at::zeros({T, kWidth}, params[0].options().dtype(at::kDouble));
+  struct Chunk {
+    int64_t tensor, e0, e1;
+  };
+  std::vector<at::Tensor> p(T), g(T);
+  std::vector<int64_t> first(T + 1, 0);
+  std::vector<Chunk> chunks;
+  for (int64_t i = 0; i < T; ++i) {
+    p[i] = params[i].contiguous();
+    g[i] = grads[i].contiguous();
+    first[i] = static_cast<int64_t>(chunks.size());
+    const int64_t n = params[i].numel();
+    for (int64_t e0 = 0; e0 < n; e0 += cpu::kChunk)
+      chunks.push_back({i, e0, std::min(n, e0 + cpu::kChunk)});
+  }
+  first[T] = static_cast<int64_t>(chunks.size());
+  std::vector<velo::ChunkMoments> moments(chunks.size());
+  const cpu::CpuIsa isa = cpu::select_isa();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(),
+                                  "velo_lstm_moments_cpu", [&] {
+    cpu::parallel_items(
+        static_cast<int64_t>(chunks.size()),
+        [&](int64_t c) { return chunks[c].e1 - chunks[c].e0; },
+        [&](int64_t c) {
+          const Chunk& ch = chunks[c];
+          chunk_moments_for<scalar_t>(isa, p[ch.tensor].data_ptr<scalar_t>(),
+                                      g[ch.tensor].data_ptr<scalar_t>(),
+                                      momentum[ch.tensor].data_ptr<float>(),
+                                      params[ch.tensor].numel(), rms[ch.tensor].data_ptr<float>(),
+                                      ch.e0, ch.e1, moments[c]);
+        });
+  });
+  double* dst = out.data_ptr<double>();
+  for (int64_t i = 0; i < T; ++i) {
+    velo::TensorMoments mo;
+    double* row = dst + i * kWidth;
+    const int64_t n = params[i].numel();
+    if (!momentum_means.has_value()) {
+      double nonfinite = 0;
+      for (int64_t c = first[i]; c < first[i + 1]; ++c) {
+        velo::add_chunk_sums(moments[c], mo);
+        nonfinite += moments[c].finite ? 0.0 : 1.0;
+      }
+      row[0] = mo.p_sq;
+      for (int k = 0; k < kMomentumChannels; ++k) row[1 + k] = mo.m[k];
+      row[4] = mo.v;
+      row[5] = nonfinite;
+    } else {
+      const double* means = momentum_means->data_ptr<double>() + i * kMomentumChannels;
+      const double mu[kMomentumChannels] = {means[0], means[1], means[2]};
+      for (int64_t c = first[i]; c < first[i + 1]; ++c)
+        velo::add_chunk_spreads(moments[c], velo::chunk_count(n, c - first[i], cpu::kChunk), mu, mo);
+      for (int k = 0; k < kMomentumChannels; ++k) {
+        row[k] = mo.m_centred_sq[k];
+        row[kMomentumChannels + k] = mo.v_spread_sq[k];
+      }
+    }
+  }
+  return out;
+}
+
+at::Tensor velo_lstm_rows_cpu(const at::Tensor& loss_features, const at::Tensor& iteration,
+                              double num_steps, const at::Tensor& sums, const at::Tensor& spreads,
+                              c10::IntArrayRef numels, c10::IntArrayRef dims) {
+  const int64_t T = static_cast<int64_t>(numels.size());
+  check_velo_lstm_rows_inputs(loss_features, iteration, num_steps, sums, spreads, numels, dims);
+  at::Tensor X = at::empty({T, velo::kLstmInputs}, loss_features.options());
+  float shared_row[kSharedInputs];
+  shared_inputs(loss_features, iteration, num_steps, shared_row);
+  const double* s = sums.data_ptr<double>();
+  const double* d = spreads.data_ptr<double>();
+  float* out = X.data_ptr<float>();
+  for (int64_t i = 0; i < T; ++i) {
+    float* row = out + i * velo::kLstmInputs;
+    std::copy(shared_row, shared_row + kSharedInputs, row);
+    velo::TensorMoments mo;
+    const double* si = s + i * 6;
+    const double* di = d + i * 6;
+    mo.p_sq = si[0];
+    mo.v = si[4];
+    for (int k = 0; k < kMomentumChannels; ++k) {
+      mo.m[k] = si[1 + k];
+      mo.m_centred_sq[k] = di[k];
+      mo.v_spread_sq[k] = di[kMomentumChannels + k];
+    }
+    velo::lstm_tensor_features(mo, numels[i], static_cast<int>(dims[i]), row);
+  }
+  return X;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lo_ops, CPU, m) {
+  m.impl("velo_lstm_rows", &velo_lstm_rows_cpu);
+  m.impl("velo_lstm_moments", &velo_lstm_moments_cpu);
   m.impl("velo_lstm_input", &velo_lstm_input_cpu);
   m.impl("velo_step_", &velo_step_cpu);
 }

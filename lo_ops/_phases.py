@@ -1,0 +1,128 @@
+"""The step of sharded (DTensor) parameters with the fused phase ops.
+
+The phase ops (``lo_ops.cpp``: ``factored_gsq_sums``, ``factored_update_``,
+``*_feature_sums_``, ``*_apply_``, ``velo_lstm_moments``) run on the local shards and return
+float64 sums over the shards' own elements; between them ``reduce``
+(``lo_ops._distributed.all_reduce_sums``) completes the sums of every tensor of the step at
+once, one collective per process group and round. They take the local tensors of one
+(device, dtype) at a time (a ``Bucket``); a round calls the op of every bucket, then reduces
+once. ``reference.py`` is the same step in pure PyTorch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .reference import Geometry, PartialSum, Reduce, Slot
+
+GEOMETRY_WIDTH = 5  # integers per tensor in the phase ops' global_geometry
+
+
+def global_geometry(geos: list[Geometry]) -> list[int]:
+    """The phase ops' ``global_geometry``: per tensor (d0, d1, size of d0, size of d1, numel)
+    of the whole tensor, d0 = d1 = -1 below 2 dimensions."""
+    out: list[int] = []
+    for geo in geos:
+        if geo.factored:
+            d0, d1 = geo.axes
+            out += [d0, d1, geo.shape[d0], geo.shape[d1], geo.numel]
+        else:
+            out += [-1, -1, 1, 1, geo.numel]
+    return out
+
+
+@dataclass
+class Bucket:
+    """The local tensors of some slots of one device and dtype, as the phase ops take them;
+    ``index`` are the slots' positions in the step's list."""
+
+    index: list[int]
+    slots: list[Slot]
+    geometry: list[int] = field(init=False)
+
+    def __post_init__(self):
+        self.geometry = global_geometry([s.geo for s in self.slots])
+
+    @property
+    def params(self) -> list[Tensor]:
+        return [s.p for s in self.slots]
+
+    @property
+    def grads(self) -> list[Tensor]:
+        return [s.g for s in self.slots]
+
+    @property
+    def accumulators(self) -> list[list[Tensor]]:
+        """momentum, rms, fac_row, fac_col, fac_diag."""
+        ss = self.slots
+        return [[s.momentum for s in ss], [s.rms for s in ss], [s.row for s in ss if s.geo.factored],
+                [s.col for s in ss if s.geo.factored], [s.diag for s in ss if not s.geo.factored]]
+
+    @property
+    def factored(self) -> list[Geometry]:
+        return [s.geo for s in self.slots if s.geo.factored]
+
+
+def buckets_of(slots: list[Slot], key=None) -> list[Bucket]:
+    """The slots split by (device, dtype) and ``key(i)`` if given, in first-appearance order."""
+    groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(slots):
+        groups.setdefault((s.p.device, s.p.dtype, key(i) if key else None), []).append(i)
+    return [Bucket(index, [slots[i] for i in index]) for index in groups.values()]
+
+
+def split(values: list[Tensor], counts: list[int]) -> list[list[Tensor]]:
+    out, start = [], 0
+    for n in counts:
+        out.append(values[start:start + n])
+        start += n
+    return out
+
+
+def gsq_sums(b: Bucket, grad_clip: float) -> list[PartialSum]:
+    """Round 1: the sums of g^2 over d0 and over d1 of each factored tensor."""
+    sums = torch.ops.lo_ops.factored_gsq_sums(b.grads, b.geometry, grad_clip)
+    out: list[PartialSum] = []
+    for k, geo in enumerate(b.factored):
+        d0, d1 = geo.axes
+        out += [(sums[2 * k], geo.groups([d0])), (sums[2 * k + 1], geo.groups([d1]))]
+    return out
+
+
+def factored_update(b: Bucket, gsq: list[Tensor], decays: Tensor, skip: Tensor | None) -> list[PartialSum]:
+    """Round 2: r and c from the complete round-1 sums; the sums of r over its copy of d1."""
+    _, _, fac_row, fac_col, _ = b.accumulators
+    flat = torch.ops.lo_ops.factored_update_(b.params, fac_row, fac_col, gsq, decays, skip, b.geometry)
+    shapes = [[3, *(n for a, n in enumerate(s.shape) if a not in s.geo.axes)] for s in b.slots if s.geo.factored]
+    rows = flat.split([math.prod(shape) for shape in shapes])
+    return [(r.view(shape), s.geo.groups([s.geo.axes[1]]))
+            for r, shape, s in zip(rows, shapes, (s for s in b.slots if s.geo.factored))]
+
+
+def per_tensor(sums: Tensor, b: Bucket) -> list[PartialSum]:
+    """Rows of a [T, k] tensor of per-tensor sums, each summed over its whole tensor."""
+    return [(row, s.geo.all_groups()) for row, s in zip(sums.unbind(0), b.slots)]
+
+
+def small_fc_lopt_step(slots: list[Slot], steps: list[Tensor], *, lr: Tensor, weights: Tensor, decays: Tensor,
+                       weight_decay: float, step_mult: float, exp_mult: float, reduce: Reduce) -> None:
+    """One small_fc_lopt step of ``slots`` (one param group) with the fused phase ops."""
+    buckets = buckets_of(slots)
+    geometry_counts = [2 * len(b.factored) for b in buckets]
+    gsq = split(reduce([x for b in buckets for x in gsq_sums(b, 0.0)]), geometry_counts)
+    row_counts = [len(b.factored) for b in buckets]
+    rows = split(reduce([x for b, g in zip(buckets, gsq) for x in factored_update(b, g, decays, None)]), row_counts)
+    partial = []
+    for b, r in zip(buckets, rows):
+        momentum, rms, fac_row, fac_col, fac_diag = b.accumulators
+        partial += per_tensor(torch.ops.lo_ops.small_fc_lopt_feature_sums_(
+            b.params, b.grads, momentum, rms, fac_row, fac_col, fac_diag, r, decays, b.geometry), b)
+    features = split(reduce(partial), [len(b.slots) for b in buckets])
+    for b, r, f in zip(buckets, rows, features):
+        torch.ops.lo_ops.small_fc_lopt_apply_(
+            b.params, b.grads, *b.accumulators, [steps[i] for i in b.index], lr, weights, decays, r,
+            torch.stack(f), b.geometry, weight_decay, step_mult, exp_mult)
