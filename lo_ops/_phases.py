@@ -108,10 +108,13 @@ def per_tensor(sums: Tensor, b: Bucket) -> list[PartialSum]:
     return [(row, s.geo.all_groups()) for row, s in zip(sums.unbind(0), b.slots)]
 
 
-def small_fc_lopt_step(slots: list[Slot], steps: list[Tensor], *, lr: Tensor, weights: Tensor, decays: Tensor,
-                       weight_decay: float, step_mult: float, exp_mult: float, reduce: Reduce) -> None:
-    """One small_fc_lopt step of ``slots`` (one param group) with the fused phase ops."""
-    buckets = buckets_of(slots)
+def small_fc_lopt_step(slots: list[Slot], steps: list[Tensor], *, groups: list[int], lrs: list[Tensor],
+                       weight_decays: list[float], weights: Tensor, decays: Tensor, step_mult: float,
+                       exp_mult: float, reduce: Reduce) -> None:
+    """One small_fc_lopt step of ``slots`` with the fused phase ops; slot i belongs to param
+    group ``groups[i]``, whose lr and weight decay are ``lrs[g]`` and ``weight_decays[g]``.
+    Three rounds of sums for all groups together."""
+    buckets = buckets_of(slots, key=lambda i: groups[i])
     geometry_counts = [2 * len(b.factored) for b in buckets]
     gsq = split(reduce([x for b in buckets for x in gsq_sums(b, 0.0)]), geometry_counts)
     row_counts = [len(b.factored) for b in buckets]
@@ -123,6 +126,7 @@ def small_fc_lopt_step(slots: list[Slot], steps: list[Tensor], *, lr: Tensor, we
             b.params, b.grads, momentum, rms, fac_row, fac_col, fac_diag, r, decays, b.geometry), b)
     features = split(reduce(partial), [len(b.slots) for b in buckets])
     for b, r, f in zip(buckets, rows, features):
+        g = groups[b.index[0]]
         torch.ops.lo_ops.small_fc_lopt_apply_(
-            b.params, b.grads, *b.accumulators, [steps[i] for i in b.index], lr, weights, decays, r,
-            torch.stack(f), b.geometry, weight_decay, step_mult, exp_mult)
+            b.params, b.grads, *b.accumulators, [steps[i] for i in b.index], lrs[g], weights, decays, r,
+            torch.stack(f), b.geometry, weight_decays[g], step_mult, exp_mult)

@@ -273,13 +273,18 @@ def feature_phase(slots: list[Slot], g32s: list[Tensor], decays: list[Tensor], r
 def small_fc_lopt_slots(slots: list[Slot], steps: list[Tensor], *, lr, weights: list, decays: list,
                         weight_decay, step_mult, exp_mult, reduce: Reduce = local_sums) -> None:
     """One small_fc_lopt step of every slot (``weights``/``decays`` per slot, ``steps`` the
-    float32 step counts, incremented)."""
+    float32 step counts, incremented; ``lr`` and ``weight_decay`` for all slots, or lists with
+    one per slot)."""
     ts = [step.detach().clone().float() for step in steps]  # steps already taken
     for step in steps:
         step.add_(1)
+    n = len(slots)
+    lrs = lr if isinstance(lr, list) else [lr] * n
+    wds = weight_decay if isinstance(weight_decay, list) else [weight_decay] * n
     keep = [i for i, s in enumerate(slots) if s.geo.numel > 0]
     slots, ts = [slots[i] for i in keep], [ts[i] for i in keep]
     weights, decays = [weights[i] for i in keep], [decays[i] for i in keep]
+    lrs, wds = [lrs[i] for i in keep], [wds[i] for i in keep]
     g32s = [s.g32() for s in slots]
     p32s = [s.p32() for s in slots]
     feature_fn = lambda i, g32, acc: features(g32, p32s[i], acc)  # noqa: E731
@@ -292,7 +297,7 @@ def small_fc_lopt_slots(slots: list[Slot], steps: list[Tensor], *, lr, weights: 
         out = mlp(torch.cat([feats, time], dim=1), [w.float() for w in weights[i]])
         direction, magnitude = out[:, 0], out[:, 1]
         step = direction * torch.exp(magnitude * exp_mult) * step_mult
-        apply_update(s.p, p32s[i], step, lr, weight_decay)
+        apply_update(s.p, p32s[i], step, lrs[i], wds[i])
 
 
 @torch.no_grad()

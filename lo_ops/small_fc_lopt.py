@@ -138,11 +138,12 @@ class SmallFCLOpt(LearnedOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        sharded_groups = []
+        for gi, group in enumerate(self.param_groups):
             lists, sharded = [[] for _ in range(8)], [[] for _ in range(8)]
             self._init_group(group, *lists, *sharded)
             if sharded[0]:
-                self._step_sharded(group, sharded)
+                sharded_groups.append((gi, sharded))
             if not lists[0]:
                 continue
             for (device, _), bucket in split_buckets(lists).items():
@@ -154,24 +155,33 @@ class SmallFCLOpt(LearnedOptimizer):
                     fn = reference.small_fc_lopt_step_
                 fn(*bucket, lr, weights, decays, float(group["weight_decay"]), self.step_mult,
                    self.exp_mult)
+        if sharded_groups:
+            self._step_sharded(sharded_groups)
         return loss
 
-    def _step_sharded(self, group, sharded) -> None:
-        """The group's DTensor parameters: the phases on local shards (the fused phase ops where
-        the device has them, else the reference), sums across ranks."""
-        slots = self._local_slots(sharded[:7])
+    def _step_sharded(self, sharded_groups) -> None:
+        """The DTensor parameters of every group (``(group index, lists)`` pairs): the phases
+        on local shards (the fused phase ops where the device has them, else the reference),
+        their sums across ranks in three rounds for all groups together."""
+        slots, steps, groups = [], [], []
+        for gi, sharded in sharded_groups:
+            new = self._local_slots(sharded[:7])
+            slots += new
+            steps += sharded[7]
+            groups += [gi] * len(new)
         device = slots[0].p.device
         weights, decays = self._meta(device)
-        lr = group_lr(group, device)
+        lrs = [group_lr(group, device) for group in self.param_groups]
+        wds = [float(group["weight_decay"]) for group in self.param_groups]
         if self._phased_fused_for(device):
             _phases.small_fc_lopt_step(
-                slots, sharded[7], lr=lr, weights=weights, decays=decays, weight_decay=float(group["weight_decay"]),
+                slots, steps, groups=groups, lrs=lrs, weight_decays=wds, weights=weights, decays=decays,
                 step_mult=self.step_mult, exp_mult=self.exp_mult, reduce=_distributed.all_reduce_sums,
             )
             return
         reference.small_fc_lopt_slots(
-            slots, sharded[7], lr=lr, weights=[unpack_weights(weights)] * len(slots),
-            decays=[decays] * len(slots), weight_decay=float(group["weight_decay"]),
+            slots, steps, lr=[lrs[g] for g in groups], weights=[unpack_weights(weights)] * len(slots),
+            decays=[decays] * len(slots), weight_decay=[wds[g] for g in groups],
             step_mult=self.step_mult, exp_mult=self.exp_mult, reduce=_distributed.all_reduce_sums,
         )
 

@@ -155,6 +155,46 @@ def _run_cases(rank, world, cases, velo_fixture):
         _sharded_case(rank, world, *case, velo_fixture)
 
 
+def _groups_case(rank, world, velo_fixture):
+    """Two param groups (their own lr and weight decay) of sharded parameters, with a plain one
+    in between: equal to one process with the same groups, on both paths."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    shapes = [(37, 5), (7,), (5, 37), (3, 20, 7), ()]
+    for name in ("small_fc_lopt", "velo"):
+        for fused in (None, False):
+            full = make_tensors(shapes)
+            ref_params = [torch.nn.Parameter(t.clone()) for t in full]
+            params = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, _placements("fsdp", t.shape, 1),
+                                                           src_data_rank=None)) for t in full]
+
+            def groups(ps):
+                return [{"params": ps[:2]}, {"params": ps[2:4], "lr": 0.3, "weight_decay": 0.1},
+                        {"params": ps[4:], "lr": 0.5}]
+
+            ref = _make_opt(name, groups(ref_params), fused, velo_fixture)
+            opt = _make_opt(name, groups(params), fused, velo_fixture)
+            for k in range(3):
+                grads = make_tensors(shapes, seed=200 + k, scale=0.1)
+                before = [p.detach().clone() for p in ref_params]
+                for p, q, g in zip(ref_params, params, grads):
+                    p.grad = g.clone()
+                    q.grad = distribute_tensor(g.clone(), mesh, q.placements, src_data_rank=None)
+                _step(ref, name, k)
+                _step(opt, name, k)
+                for i, (p, q, old) in enumerate(zip(ref_params, params, before)):
+                    what = f"{name} fused={fused} groups step {k} param {i}"
+                    step_size = (p.detach().float() - old.float()).abs().max().item()
+                    assert step_size > 0, what
+                    assert_param_close(q.to_local(), local_part(p, q), step_size, what)
+
+
+def test_param_groups_of_sharded_parameters(velo_fixture_dir):
+    spawn(2, _groups_case, velo_fixture_dir)
+
+
 def test_2d_meshes_hsdp_and_fsdp_tp_at_4_ranks(velo_fixture_dir):
     cases = [(name, kind, (2, 2), torch.float32, fused) for name in ("small_fc_lopt", "velo")
              for kind in ("hsdp", "fsdp_tp", "fsdp_over_colwise_tp") for fused in (None, False)]

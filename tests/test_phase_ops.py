@@ -55,8 +55,9 @@ def test_small_fc_lopt_phases_equal_the_step_op_bitwise(dtype):
     steps_a = [torch.tensor(4.0) for _ in shapes]
     steps_b = [torch.tensor(4.0) for _ in shapes]
     ops.small_fc_lopt_step_(*a, steps_a, lr, weights, decays, 0.01, 0.001, 0.5)
-    _phases.small_fc_lopt_step(reference.slots_of(*b), steps_b, lr=lr, weights=weights, decays=decays,
-                               weight_decay=0.01, step_mult=0.001, exp_mult=0.5, reduce=reference.local_sums)
+    _phases.small_fc_lopt_step(reference.slots_of(*b), steps_b, groups=[0] * len(shapes), lrs=[lr], weight_decays=[0.01],
+                               weights=weights, decays=decays, step_mult=0.001, exp_mult=0.5,
+                               reduce=reference.local_sums)
     for la, lb in zip(a + [steps_a], b + [steps_b]):
         for x, y in zip(la, lb):
             assert torch.equal(x, y)
