@@ -63,6 +63,13 @@ inline FactoredGeometry factored_geometry(const std::vector<int64_t>& sizes) {
   return factored_geometry(sizes, axes.first, axes.second);
 }
 
+// The flat index in S without d0 and d1 of element e of r (S without d0): where the sum of r
+// over its copy of d1 that element e belongs to is kept.
+LO_HD int64_t row_sum_index(const FactoredGeometry& geo, int64_t e) {
+  return geo.d0_is_p ? (e / (geo.Q * geo.C)) * geo.C + e % geo.C
+                     : (e / (geo.P * geo.B * geo.C)) * (geo.B * geo.C) + e % (geo.B * geo.C);
+}
+
 // Shape of the row (drop d0) or column (drop d1) accumulator, without the channel axis.
 inline std::vector<int64_t> drop_axis(const std::vector<int64_t>& sizes, int axis) {
   std::vector<int64_t> out;

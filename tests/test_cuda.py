@@ -266,3 +266,22 @@ def test_reference_lstm_input_on_cuda_matches_op():
     X, _ = torch.ops.lo_ops.velo_lstm_input(*gpu)
     X_ref, _ = ref.velo_lstm_input(*gpu)
     torch.testing.assert_close(X, X_ref, rtol=1e-5, atol=1e-5)
+
+
+# -- the phase ops (sharded parameters) on the GPU ----------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_phase_ops_equal_the_one_call_ops_on_the_gpu(dtype, monkeypatch):
+    """tests/test_phase_ops.py's checks with CUDA tensors: the phase kernels equal the one-call
+    kernels bitwise on whole tensors, and on shards split in one process equal them on the whole
+    tensor."""
+    import test_phase_ops as phases
+
+    monkeypatch.setattr(phases, "DEVICE", "cuda")
+    phases.test_small_fc_lopt_phases_equal_the_step_op_bitwise(dtype)
+    for skip in (False, True):
+        phases.test_velo_phases_equal_the_step_ops_bitwise(dtype, skip)
+    for axis, count in ((0, 3), (1, 2), (2, 5)):
+        phases.test_small_fc_lopt_on_shards_equals_the_whole_tensor(axis, count, dtype)
+    phases.test_velo_on_shards_equals_the_whole_tensor(0, 3)
+    phases.test_velo_on_shards_equals_the_whole_tensor(1, 2)
+    phases.test_shards_without_elements_add_nothing()

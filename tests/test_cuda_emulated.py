@@ -372,3 +372,63 @@ def test_compiled_step_through_the_emulated_kernels(kind):
     assert testing.emulator_stats()["launches"] > before
     for p, q in zip(comp_params, cpu_params):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+# -- the phase ops (sharded parameters) under the emulator ------------------------------------------
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_phase_ops_equal_the_one_call_ops_bitwise(schedule):
+    """On whole tensors the emulated phase kernels give bitwise the emulated one-call kernels'
+    numbers (parameters, every state, step counts; VeLO's X), with and without skip."""
+    import test_phase_ops as phases
+
+    with testing.cuda_emulation(schedule, seed=5):
+        for dtype in (torch.float32, torch.bfloat16):
+            phases.test_small_fc_lopt_phases_equal_the_step_op_bitwise(dtype)
+            for skip in (False, True):
+                phases.test_velo_phases_equal_the_step_ops_bitwise(dtype, skip)
+        phases.test_shards_without_elements_add_nothing()
+
+
+@pytest.mark.parametrize("axis,count", [(0, 3), (1, 2)])
+def test_phase_ops_on_shards_equal_the_whole_tensor(axis, count):
+    """Tensors split into shards (uneven, empty), the emulated phase kernels on each, the sums
+    added up across shards: equal to the emulated one-call kernel on the whole tensor."""
+    import test_phase_ops as phases
+
+    with testing.cuda_emulation():
+        phases.test_small_fc_lopt_on_shards_equals_the_whole_tensor(axis, count, torch.float32)
+        phases.test_velo_on_shards_equals_the_whole_tensor(axis, count)
+
+
+def test_phase_ops_match_the_cpu_phase_ops():
+    """The emulated phase kernels against the CPU ones, op by op, on the shape zoo."""
+    import test_phase_ops as phases
+    from lo_ops import _phases
+
+    shapes = [s for s in ZOO if s != (0,)]
+    lists = phases._lists(shapes, torch.float32)
+    b = _phases.Bucket(list(range(len(shapes))), reference.slots_of(*lists))
+    decays = phases.effective_decays(phases._ZERO_OFFSETS)
+
+    def run():
+        work = phases._clone(lists)
+        bk = _phases.Bucket(b.index, reference.slots_of(*work))
+        gsq = [t for t, _ in _phases.gsq_sums(bk, 1000.0)]
+        rows = [t for t, _ in _phases.factored_update(bk, gsq, decays, None)]
+        feats = torch.ops.lo_ops.small_fc_lopt_feature_sums_(*work, rows, decays, bk.geometry)
+        m = torch.ops.lo_ops.velo_lstm_moments(*work[:4], None)
+        return gsq, rows, feats, m, work
+
+    want = run()
+    with testing.cuda_emulation():
+        got = run()
+    for name, x, y in zip(("gsq", "rows", "features", "moments"), got[:4], want[:4]):
+        for a, c in zip(x if isinstance(x, list) else [x], y if isinstance(y, list) else [y]):
+            # float32 terms (a fused multiply-add on one side only can move one by an ulp),
+            # added up in float64 in another order; the CPU's LSTM moments add runs of eight
+            # vector tiles in float32 first
+            tol = dict(rtol=2e-5, atol=1e-6) if name == "moments" else dict(rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(a, c, **tol, msg=lambda m: f"{name}: {m}")
+    for la, lb in zip(got[4], want[4]):
+        for a, c in zip(la, lb):
+            torch.testing.assert_close(a, c, **STATE_TOL)

@@ -15,6 +15,8 @@ from lo_ops.networks import normalised_adam_network
 from helpers import SHAPES, make_params, make_state
 
 ops = torch.ops.lo_ops
+# Where the checks run: the CPU here; tests/test_cuda.py runs them on a GPU.
+DEVICE = "cpu"
 _ZERO_OFFSETS = {"momentum": [0.0] * 3, "rms": [0.0], "adafactor": [0.0] * 3}
 
 
@@ -25,7 +27,15 @@ def _network():
         for layer in net.layers:
             layer.weight.normal_(0, 0.3, generator=gen)
             layer.bias.normal_(0, 0.1, generator=gen)
-    return net.packed_weights()
+    return net.packed_weights().to(DEVICE)
+
+
+def _t(value, **kw):
+    return torch.tensor(value, device=DEVICE, **kw)
+
+
+def _decays():
+    return effective_decays(_ZERO_OFFSETS).to(DEVICE)
 
 
 def _lists(shapes, dtype, seed=0):
@@ -33,7 +43,7 @@ def _lists(shapes, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
     params = [p.detach() for p in make_params(shapes, dtype, seed=seed, non_contiguous=False)]
     grads = [torch.randn(p.shape, generator=gen).to(dtype) for p in params]
-    return [params, grads, *make_state(params, gen)]
+    return [[t.to(DEVICE) for t in ts] for ts in (params, grads, *make_state(params, gen))]
 
 
 def _clone(lists):
@@ -42,18 +52,18 @@ def _clone(lists):
 
 def _velo_extra(n, seed=1):
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, VELO_MLP_NUMEL, generator=gen) * 0.3, torch.rand(n, generator=gen)
+    return (torch.randn(n, VELO_MLP_NUMEL, generator=gen) * 0.3).to(DEVICE), torch.rand(n, generator=gen).to(DEVICE)
 
 
 # -- whole tensors: the phases are the one-call op ---------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_small_fc_lopt_phases_equal_the_step_op_bitwise(dtype):
     shapes = SHAPES + [(4100,), (64, 300)]
-    weights, decays, lr = _network(), effective_decays(_ZERO_OFFSETS), torch.tensor(0.3)
+    weights, decays, lr = _network(), _decays(), _t(0.3)
     a = _lists(shapes, dtype)
     b = _clone(a)
-    steps_a = [torch.tensor(4.0) for _ in shapes]
-    steps_b = [torch.tensor(4.0) for _ in shapes]
+    steps_a = [_t(4.0) for _ in shapes]
+    steps_b = [_t(4.0) for _ in shapes]
     ops.small_fc_lopt_step_(*a, steps_a, lr, weights, decays, 0.01, 0.001, 0.5)
     _phases.small_fc_lopt_step(reference.slots_of(*b), steps_b, groups=[0] * len(shapes), lrs=[lr], weight_decays=[0.01],
                                weights=weights, decays=decays, step_mult=0.001, exp_mult=0.5,
@@ -70,11 +80,11 @@ def _velo_phases(lists, mlp, lr_mult, skip, lr, loss_features, iteration, num_st
     m, v, fr, fc, fd = b.accumulators
     gsq = [t for t, _ in _phases.gsq_sums(b, VELO_GRAD_CLIP)]
     sums = ops.velo_lstm_moments(b.params, b.grads, m, v, None)
-    n = torch.tensor([max(s.geo.numel, 1) for s in slots], dtype=torch.float64)
+    n = _t([max(s.geo.numel, 1) for s in slots], dtype=torch.float64)
     spreads = ops.velo_lstm_moments(b.params, b.grads, m, v, (sums[:, 1:4] / n[:, None]).contiguous())
     X = ops.velo_lstm_rows(loss_features, iteration, num_steps, sums, spreads, [s.geo.numel for s in slots],
                            [sum(1 for d in s.geo.shape if d > 1) for s in slots])
-    decays = torch.tensor(VELO_DECAYS)
+    decays = _t(VELO_DECAYS)
     rows = [t for t, _ in _phases.factored_update(b, gsq, decays, skip)]
     features = ops.velo_feature_sums_(b.params, b.grads, m, v, fr, fc, fd, rows, skip, b.geometry)
     ops.velo_apply_(b.params, b.grads, m, v, fr, fc, fd, lr, mlp, lr_mult, skip, rows, features, b.geometry,
@@ -90,8 +100,8 @@ def test_velo_phases_equal_the_step_ops_bitwise(dtype, skip):
     b = _clone(a)
     before = _clone(a)
     mlp, lr_mult = _velo_extra(len(shapes))
-    lr, skip_t = torch.tensor(0.7), torch.tensor(skip)
-    loss_features, iteration = torch.rand(9) - 0.5, torch.tensor(3.0)
+    lr, skip_t = _t(0.7), _t(skip)
+    loss_features, iteration = (torch.rand(9) - 0.5).to(DEVICE), _t(3.0)
     X, finite = ops.velo_lstm_input(a[0], a[1], a[2], a[3], loss_features, iteration, 20.0)
     ops.velo_step_(*a, lr, mlp, lr_mult, skip_t, 0.01, 0.001, 0.5)
     X2, sums = _velo_phases(b, mlp, lr_mult, skip_t, lr, loss_features, iteration, 20.0)
@@ -102,6 +112,25 @@ def test_velo_phases_equal_the_step_ops_bitwise(dtype, skip):
             assert torch.equal(x, y)
             if skip:
                 assert torch.equal(x, z)
+
+
+def test_shards_without_elements_add_nothing():
+    """A shard with no elements (of a tensor that has some) returns zero sums and changes
+    nothing, whatever its r and c hold."""
+    lists = _lists([(0, 5), (5, 0), (0,)], torch.float32)
+    for t in lists[4] + lists[5]:
+        t.fill_(float("inf"))
+    before = _clone(lists)
+    geometry = [1, 0, 5, 3, 15, 0, 1, 5, 3, 15, -1, -1, 1, 1, 4]
+    rows = [torch.zeros(3, dtype=torch.float64, device=DEVICE)] * 2
+    for _ in range(3):
+        sums = ops.small_fc_lopt_feature_sums_(*lists, rows, _decays(), geometry)
+        assert torch.equal(sums, torch.zeros_like(sums))
+        sums = ops.velo_feature_sums_(*lists, rows, _t(False), geometry)
+        assert torch.equal(sums, torch.zeros_like(sums))
+    for la, lb in zip(lists, before):
+        for x, y in zip(la, lb):
+            assert torch.equal(x, y)
 
 
 def test_lstm_moments_count_non_finite_gradients():
@@ -215,15 +244,15 @@ SHARD_SHAPES = [(37, 5), (5, 37), (3, 20, 7), (7,), (), (1,), (4100,), (2, 9), (
 @pytest.mark.parametrize("count", [2, 3, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_small_fc_lopt_on_shards_equals_the_whole_tensor(axis, count, dtype):
-    weights, decays, lr = _network(), effective_decays(_ZERO_OFFSETS), torch.tensor(0.3)
+    weights, decays, lr = _network(), _decays(), _t(0.3)
     whole = _lists(SHARD_SHAPES, dtype)
     before = _clone(whole)
     shards = _shard(whole, axis, count)
     geos = _geometries(whole[0], axis)
     for k in range(3):
-        ops.small_fc_lopt_step_(*whole, [torch.tensor(float(k)) for _ in SHARD_SHAPES], lr, weights, decays,
+        ops.small_fc_lopt_step_(*whole, [_t(float(k)) for _ in SHARD_SHAPES], lr, weights, decays,
                                 0.01, 0.001, 0.5)
-        steps = [[torch.tensor(float(k)) for _ in SHARD_SHAPES] for _ in shards]
+        steps = [[_t(float(k)) for _ in SHARD_SHAPES] for _ in shards]
         _sharded_small_fc_lopt(shards, geos, steps, weights, decays, lr)
     _assert_matches_whole(_unshard(shards, whole, axis), whole, before)
 
@@ -237,22 +266,22 @@ def test_velo_on_shards_equals_the_whole_tensor(axis, count):
     shards = _shard(whole, axis, count)
     geos = _geometries(whole[0], axis)
     mlp, lr_mult = _velo_extra(len(shapes))
-    lr, skip = torch.tensor(0.7), torch.tensor(False)
-    loss_features, iteration = torch.rand(9) - 0.5, torch.tensor(3.0)
+    lr, skip = _t(0.7), _t(False)
+    loss_features, iteration = (torch.rand(9) - 0.5).to(DEVICE), _t(3.0)
     X, _ = ops.velo_lstm_input(*whole[:4], loss_features, iteration, 20.0)
     ops.velo_step_(*whole, lr, mlp, lr_mult, skip, 0.01, 0.001, 0.5)
     buckets = [_phases.Bucket(list(range(len(geos))), reference.slots_of(*s, geometries=geos)) for s in shards]
     sums = _sum_across([_phases.per_tensor(ops.velo_lstm_moments(b.params, b.grads, *b.accumulators[:2], None), b)
                         for b in buckets])[0]
     sums = torch.stack(sums)
-    n = torch.tensor([g.numel for g in geos], dtype=torch.float64)
+    n = _t([g.numel for g in geos], dtype=torch.float64)
     mu = (sums[:, 1:4] / n[:, None]).contiguous()
     spreads = torch.stack(_sum_across([_phases.per_tensor(ops.velo_lstm_moments(
         b.params, b.grads, *b.accumulators[:2], mu), b) for b in buckets])[0])
     X2 = ops.velo_lstm_rows(loss_features, iteration, 20.0, sums, spreads, [g.numel for g in geos],
                             [sum(1 for d in g.shape if d > 1) for g in geos])
     torch.testing.assert_close(X2, X, rtol=1e-6, atol=1e-6)
-    decays = torch.tensor(VELO_DECAYS)
+    decays = _t(VELO_DECAYS)
     gsq = _sum_across([_phases.gsq_sums(b, VELO_GRAD_CLIP) for b in buckets])
     rows = _sum_across([_phases.factored_update(b, g, decays, skip) for b, g in zip(buckets, gsq)])
     feats = _sum_across([_phases.per_tensor(ops.velo_feature_sums_(

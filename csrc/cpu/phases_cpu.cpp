@@ -18,12 +18,6 @@ namespace {
 
 std::vector<int64_t> sizes_of(const at::Tensor& t) { return t.sizes().vec(); }
 
-// The flat index in S without d0 and d1 of element e of r (S without d0).
-inline int64_t row_sum_index(const FactoredGeometry& geo, int64_t e) {
-  return geo.d0_is_p ? (e / (geo.Q * geo.C)) * geo.C + e % geo.C
-                     : (e / (geo.P * geo.B * geo.C)) * (geo.B * geo.C) + e % (geo.B * geo.C);
-}
-
 // The scratch of a factored tensor (see TensorWork) from its updated r and c and the complete
 // sums of r over its copy of d1 (`row_sums`, [3, *S without d0 and d1]).
 template <class P>
@@ -56,7 +50,7 @@ void rebuild_scratch(std::vector<cpu::TensorWork<P>>& work, at::TensorList row_s
       },
       [&](int64_t i) {
         auto& w = work[i];
-        if (w.info.factored && w.info.total_numel > 0)
+        if (w.info.factored && w.info.numel > 0)
           scratch_from_state(w, row_sums[w.info.state_index].template data_ptr<double>());
       });
 }
@@ -216,7 +210,9 @@ at::Tensor feature_sums_bucket(const std::vector<TensorInfo>& infos, at::TensorL
     const std::vector<double> totals = cpu::element_pass<P, scalar_t>(work, chunks, isa);
     std::copy(totals.begin(), totals.end(), dst);
   });
-  for (int64_t i = 0; i < T; ++i) cpu::set_accumulator_sums(work[i], dst + i * F);
+  // (A shard of no elements adds nothing; its scratch was not built.)
+  for (int64_t i = 0; i < T; ++i)
+    if (work[i].info.numel > 0) cpu::set_accumulator_sums(work[i], dst + i * F);
   return out;
 }
 

@@ -12,6 +12,12 @@
 //      first layer (fold_kernel), then, for a factored tensor, one thread per row and column
 //      turns its accumulator channels into first-layer terms (contrib_kernel);
 //   4. one block per chunk: features, the MLP (one element per thread) and the update.
+// The phase ops (shards of larger tensors) run the same passes split at the sums over whole
+// tensors: phase 1 is pass 1's reductions with the sums written out (moment_combine_kernel with
+// gsq_row/gsq_col set), phase 2 the means and updates of r and c from complete sums
+// (factored_from_sums_kernel) and the sums of r over d1 (row_sums_kernel), phase 3 the scratch
+// of pass 1 (scratch_kernel), pass 2 and the feature sums (feature_sums_kernel), phase 4 the
+// scratch again and passes 3 and 4 from the complete feature sums.
 // Every reduction is a fixed-order tree or loop (no atomics), so results do not depend on
 // scheduling. Tensors reach the kernels through tables passed by value (kMaxTensors per launch;
 // the host launches again while tensors remain). Values that change every step (lr, the step
@@ -97,9 +103,20 @@ struct TensorArgs {
   const float* decays;   // this tensor's decays as P::decay reads them (or null)
   float* step;           // small_fc_lopt's step counter (incremented by the fold), or null
   const float* lr_mult;  // VeLO's lr_mult of this tensor, or null
+  // The phase ops (the tensor may be a shard of a larger one; see lo_ops.cpp), null for the
+  // one-call ops: sums of g^2 over d0 (|r|) and over d1 (|c|), out of phase 1 and into phase 2;
+  // sums of r over its copy of d1 ([3, |r| / size(d1)]), out of phase 2 and into phases 3 and 4;
+  // feature sums of squares ([kFeatures]), out of phase 3 and into phase 4.
+  double* gsq_row;
+  double* gsq_col;
+  double* row_sums;
+  double* feature_sums;
   int64_t numel;
   int64_t chunks;
+  int64_t total_numel;         // the whole tensor's element count (numel unless a shard)
+  int64_t d0_total, d1_total;  // the whole tensor's sizes of d0 and d1
   FactoredGeometry geo;
+  float grad_clip;  // > 0: gradients also clipped to [-grad_clip, grad_clip] (phase 1)
   int factored;
 };
 
@@ -196,6 +213,13 @@ LO_HD int64_t moment_partials_size(const FactoredGeometry& g) {
   return r.outputs * r.segments + c.outputs * c.segments;
 }
 
+// P's gradient, clipped further when the tensor asks for it (the phase ops' grad_clip).
+template <class P>
+__device__ __forceinline__ float clipped_grad(const TensorArgs& t, float g) {
+  const float x = P::grad(g);
+  return t.grad_clip > 0.f ? clip(x, -t.grad_clip, t.grad_clip) : x;
+}
+
 // Sums of g^2 over one segment of the reduced axis for one tile of outputs, in double, in a
 // fixed order: the segment's elements in order per lane (or warp), then a fixed shuffle tree
 // (rows) or the 8 warps in order (columns).
@@ -224,7 +248,7 @@ __global__ void __launch_bounds__(kThreads) moment_partials_kernel(Table table, 
     const int64_t o = tile * plan.tile + warp;
     if (o < plan.outputs)
       for (int64_t r = r0 + lane; r < r1; r += 32)
-        sum += static_cast<double>(factored_gsq(P::grad(to_float(g[o * R + r]))));
+        sum += static_cast<double>(factored_gsq(clipped_grad<P>(t, to_float(g[o * R + r]))));
     for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
     if (lane == 0 && o < plan.outputs) out[o * plan.segments + segment] = sum;
   } else {
@@ -232,7 +256,7 @@ __global__ void __launch_bounds__(kThreads) moment_partials_kernel(Table table, 
     if (idx < plan.outputs) {
       const int64_t o = idx / I, i = idx % I;
       for (int64_t r = r0 + warp; r < r1; r += kWarps)
-        sum += static_cast<double>(factored_gsq(P::grad(to_float(g[(o * R + r) * I + i]))));
+        sum += static_cast<double>(factored_gsq(clipped_grad<P>(t, to_float(g[(o * R + r) * I + i]))));
     }
     part[threadIdx.x] = sum;
     __syncthreads();
@@ -283,7 +307,35 @@ __global__ void __launch_bounds__(kThreads) moment_combine_kernel(Table table, c
   }
   double sum = 0.0;
   for (int64_t s = 0; s < plan.segments; ++s) sum += in[idx * plan.segments + s];
+  if (t.gsq_row != nullptr) {  // phase 1: the sums go out
+    (side == 0 ? t.gsq_row : t.gsq_col)[idx] = sum;
+    return;
+  }
   store_moment<P>(t, side, idx, static_cast<float>(sum / static_cast<double>(plan.view.R)));
+}
+
+// Phase 2: one thread per output of r and c (items: |r| + |c|): the mean of g^2 from the
+// complete sums over the whole tensor's d0 / d1, and the accumulator update.
+template <class P>
+__global__ void __launch_bounds__(kThreads) factored_from_sums_kernel(Table table, const bool* skip) {
+  if (skipped(skip)) return;
+  const int64_t item = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x;
+  if (item >= table.start[table.count]) return;
+  const int ti = find_tensor(table, item);
+  const TensorArgs& t = table.t[ti];
+  int64_t idx = item - table.start[ti];
+  const int64_t rs = t.geo.row_numel();
+  const int side = idx < rs ? 0 : 1;
+  if (side == 1) idx -= rs;
+  const double sum = (side == 0 ? t.gsq_row : t.gsq_col)[idx];
+  const double count = static_cast<double>(side == 0 ? t.d0_total : t.d1_total);
+  const float mean = static_cast<float>(sum / count);
+  const int64_t size = side_size(t.geo, side);
+  float* state = side == 0 ? t.row : t.col;
+  for (int k = 0; k < kFactoredChannels; ++k) {
+    float& x = state[k * size + idx];
+    x = ema(x, mean, clip01(P::decay(t.decays, kDecayFactored + k)));
+  }
 }
 
 // r as [slices of d1 within r]: d0 = P: r is [A, B, Q, C], d1 = Q, view [A*B, Q, C]; d0 = Q: r
@@ -316,6 +368,52 @@ __global__ void __launch_bounds__(kThreads) row_factor_kernel(Table table, const
       t.row_fac[k * size + e] = row_factor(r[e], mean);
     }
     __syncthreads();  // `mean` is rewritten for the next channel
+  }
+}
+
+// Phase 2: one block per slice of r along d1 (as row_factor_kernel): the slice's sums, out to
+// row_sums[k * slices + slice].
+__global__ void __launch_bounds__(kThreads) row_sums_kernel(Table table) {
+  __shared__ double scratch[kWarps];
+  const int ti = find_tensor(table, blockIdx.x);
+  const TensorArgs& t = table.t[ti];
+  const int64_t slice = blockIdx.x - table.start[ti];
+  const ReduceView view = row_slices(t.geo);
+  const int64_t o = slice / view.I, i = slice % view.I;
+  const int64_t size = t.geo.row_numel(), slices = view.O * view.I;
+  for (int k = 0; k < kFactoredChannels; ++k) {
+    const float* r = t.row + k * size;
+    double sum = 0.0;
+    for (int64_t j = threadIdx.x; j < view.R; j += kThreads) sum += static_cast<double>(r[(o * view.R + j) * view.I + i]);
+    sum = block_sum(sum, scratch);
+    if (threadIdx.x == 0) t.row_sums[k * slices + slice] = sum;
+  }
+}
+
+// Phases 3 and 4: one thread per index of r, then of c (items: |r| + |c|): the scratch of
+// pass 1 from the updated r and c and the complete row sums (means over the whole size of d1).
+__global__ void __launch_bounds__(kThreads) scratch_kernel(Table table) {
+  const int64_t item = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x;
+  if (item >= table.start[table.count]) return;
+  const int ti = find_tensor(table, item);
+  const TensorArgs& t = table.t[ti];
+  int64_t i = item - table.start[ti];
+  const int64_t rs = t.geo.row_numel(), cs = t.geo.col_numel();
+  if (i < rs) {
+    const int64_t pq = t.geo.drop_pq_numel(), j = row_sum_index(t.geo, i);
+    const double d1_len = static_cast<double>(t.d1_total);
+    for (int k = 0; k < kFactoredChannels; ++k) {
+      const float r = t.row[k * rs + i];
+      t.row_rsqrt[k * rs + i] = accumulator_rsqrt(r);
+      t.row_fac[k * rs + i] = row_factor(r, static_cast<float>(t.row_sums[k * pq + j] / d1_len));
+    }
+    return;
+  }
+  i -= rs;
+  for (int k = 0; k < kFactoredChannels; ++k) {
+    const float c = t.col[k * cs + i];
+    t.col_rsqrt[k * cs + i] = accumulator_rsqrt(c);
+    t.col_fac[k * cs + i] = col_factor(c);
   }
 }
 
@@ -428,23 +526,15 @@ __global__ void __launch_bounds__(kThreads) accumulate_kernel(Table table, const
   }
 }
 
-// One block per tensor: normalisation scales and P's constants folded into the first layer. The
-// per-chunk sums of squares are added up by all threads (each a stride of chunks, then a
-// fixed-order block reduction per channel).
+// The sums of squares of the F feature channels over the tensor (a shard: over its own
+// elements), into `sums` (shared, valid after a barrier): the element-wise channels (all of
+// them for an unfactored tensor) from the chunks' partials, each thread a stride of chunks, then
+// a fixed-order block reduction per channel; a factored tensor's row/column channels from r and
+// c, each r value standing for the tensor's length along d0, each c value for its length
+// along d1.
 template <class P>
-__global__ void __launch_bounds__(kThreads) fold_kernel(Table table, float step_mult,
-                                                        const bool* skip) {
-  if (skipped(skip)) return;
+__device__ void tensor_feature_sums(const TensorArgs& t, double* sums, double* dscratch) {
   constexpr int F = P::kFeatures;
-  constexpr int H = P::kHidden;
-  __shared__ double dscratch[kWarps];
-  __shared__ double sums[F];
-  const TensorArgs& t = table.t[blockIdx.x];
-  if (t.numel == 0) {  // nothing to fold; the step is still counted
-    if (threadIdx.x == 0 && t.step != nullptr) *t.step += 1.0f;
-    return;
-  }
-  // Element-wise channels (all of them for an unfactored tensor) from the chunks' partials.
   {
     double acc[F];
     for (int c = 0; c < F; ++c) acc[c] = 0.0;
@@ -456,7 +546,6 @@ __global__ void __launch_bounds__(kThreads) fold_kernel(Table table, float step_
     }
   }
   if (t.factored) {
-    // Row/column channels: each r value stands for size(d0) elements, each c for size(d1).
     const double d0_len = static_cast<double>(t.geo.d0_is_p ? t.geo.P : t.geo.Q);
     const double d1_len = static_cast<double>(t.geo.d0_is_p ? t.geo.Q : t.geo.P);
     for (int side = 0; side < 2; ++side) {
@@ -481,6 +570,46 @@ __global__ void __launch_bounds__(kThreads) fold_kernel(Table table, float step_
       }
     }
   }
+}
+
+// Phase 3: one block per tensor: its feature sums, out to feature_sums (zeros for a shard of
+// no elements; left as they are when skip).
+template <class P>
+__global__ void __launch_bounds__(kThreads) feature_sums_kernel(Table table, const bool* skip) {
+  if (skipped(skip)) return;
+  __shared__ double dscratch[kWarps];
+  __shared__ double sums[P::kFeatures];
+  const TensorArgs& t = table.t[blockIdx.x];
+  if (t.numel == 0) {
+    if (threadIdx.x < P::kFeatures) t.feature_sums[threadIdx.x] = 0.0;
+    return;
+  }
+  tensor_feature_sums<P>(t, sums, dscratch);
+  __syncthreads();
+  if (threadIdx.x < P::kFeatures) t.feature_sums[threadIdx.x] = sums[threadIdx.x];
+}
+
+// One block per tensor: normalisation scales and P's constants folded into the first layer,
+// from the tensor's feature sums (tensor_feature_sums), or for phase 4 from the complete sums
+// over the whole tensor (feature_sums), with the whole tensor's element count.
+template <class P>
+__global__ void __launch_bounds__(kThreads) fold_kernel(Table table, float step_mult,
+                                                        const bool* skip) {
+  if (skipped(skip)) return;
+  constexpr int F = P::kFeatures;
+  constexpr int H = P::kHidden;
+  __shared__ double dscratch[kWarps];
+  __shared__ double sums[F];
+  const TensorArgs& t = table.t[blockIdx.x];
+  if (t.numel == 0) {  // nothing to fold; the step is still counted
+    if (threadIdx.x == 0 && t.step != nullptr) *t.step += 1.0f;
+    return;
+  }
+  if (t.feature_sums != nullptr) {
+    for (int c = threadIdx.x; c < F; c += kThreads) sums[c] = t.feature_sums[c];
+  } else {
+    tensor_feature_sums<P>(t, sums, dscratch);
+  }
   __syncthreads();
   // The scaled first-layer weights [H][F], b0 with P's constant inputs, and the step scale.
   float* ws = t.fold;
@@ -488,12 +617,12 @@ __global__ void __launch_bounds__(kThreads) fold_kernel(Table table, float step_
   const float step_t = t.step != nullptr ? *t.step : 0.f;
   for (int idx = threadIdx.x; idx < H * F; idx += kThreads) {
     const int j = idx / F, c = idx % F;
-    ws[idx] = t.weights[P::kW0 + j * P::kInputs + c] * normalisation_scale(sums[c], t.numel);
+    ws[idx] = t.weights[P::kW0 + j * P::kInputs + c] * normalisation_scale(sums[c], t.total_numel);
   }
   if (threadIdx.x < H) b0t[threadIdx.x] = P::first_bias(t.weights, step_t, threadIdx.x);
   if (threadIdx.x == 0) {
     const float lr_mult = t.lr_mult != nullptr ? *t.lr_mult : 1.f;
-    b0t[H] = P::step_scale(lr_mult, sums[P::kParamChannel], t.numel, step_mult);
+    b0t[H] = P::step_scale(lr_mult, sums[P::kParamChannel], t.total_numel, step_mult);
   }
   __syncthreads();
   if (threadIdx.x == 0 && t.step != nullptr) *t.step = step_t + 1.0f;

@@ -88,6 +88,9 @@ struct Bucket {
       t.m = momentum[i].data_ptr<float>();
       t.v = rms[i].data_ptr<float>();
       t.numel = info.numel;
+      t.total_numel = info.total_numel;
+      t.d0_total = info.d0_total;
+      t.d1_total = info.d1_total;
       t.chunks = (info.numel + kChunk - 1) / kChunk;
       t.factored = info.factored ? 1 : 0;
       t.fold = sp;
@@ -312,6 +315,383 @@ std::tuple<at::Tensor, at::Tensor> velo_lstm_input_cuda(at::TensorList params,
   return {X, finite};
 }
 
+// -- phase ops (parameters that may be shards; lo_ops.cpp) -----------------------------------------
+
+const auto is_factored = [](const TensorArgs& t) { return t.factored && t.numel > 0; };
+
+std::vector<at::Tensor> factored_gsq_sums_cuda(at::TensorList grads, c10::IntArrayRef global_geometry,
+                                               double grad_clip) {
+  const auto infos = check_shards("factored_gsq_sums", "grads", grads, global_geometry);
+  std::vector<at::Tensor> out;
+  if (grads.empty()) return out;
+  const c10::DeviceGuard guard(grads[0].device());
+  const cudaStream_t stream = current_stream(grads[0].device());
+  std::vector<at::Tensor> keep;
+  std::vector<TensorArgs> tensors;
+  int64_t moment_scratch = 0;
+  for (const auto& info : infos)
+    if (info.factored) moment_scratch += moment_partials_size(info.geo);
+  at::Tensor moments = uninitialized({std::max<int64_t>(moment_scratch, 1)},
+                                     grads[0].options().dtype(at::kDouble));
+  double* mp = moments.data_ptr<double>();
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const auto& info = infos[i];
+    if (!info.factored) continue;
+    const auto s = grads[i].sizes().vec();
+    at::Tensor row = at::zeros(drop_axis(s, info.geo.d0), grads[i].options().dtype(at::kDouble));
+    at::Tensor col = at::zeros(drop_axis(s, info.geo.d1), grads[i].options().dtype(at::kDouble));
+    out.push_back(row);
+    out.push_back(col);
+    keep.push_back(grads[i].contiguous());
+    TensorArgs t{};
+    t.g = keep.back().data_ptr();
+    t.numel = info.numel;
+    t.geo = info.geo;
+    t.factored = 1;
+    t.grad_clip = static_cast<float>(grad_clip);
+    t.gsq_row = row.data_ptr<double>();
+    t.gsq_col = col.data_ptr<double>();
+    t.moment_partials = mp;
+    mp += moment_partials_size(info.geo);
+    tensors.push_back(t);
+  }
+  using P = small_fc_lopt::Policy;  // (its gradient is g itself; grad_clip clips)
+  dispatch_storage(grads[0].scalar_type(), "factored_gsq_sums", [&](auto* tag) {
+    using S = std::remove_pointer_t<decltype(tag)>;
+    const auto moment_items = [&](const TensorArgs& t) { return is_factored(t) ? moment_blocks(t.geo) : 0; };
+    for_each_table<Table, kMaxTensors>(tensors, moment_items, [&](const Table& table) {
+      launch(moment_partials_kernel<P, S>, table.start[table.count], kThreads, stream, table, nullptr);
+    });
+    check_launch("moment_partials_kernel");
+  });
+  const auto output_items = [&](const TensorArgs& t) {
+    return is_factored(t) ? t.geo.row_numel() + t.geo.col_numel() : 0;
+  };
+  for_each_table<Table, kMaxTensors>(tensors, output_items, [&](const Table& table) {
+    launch(moment_combine_kernel<P>, blocks_for(table.start[table.count]), kThreads, stream, table, nullptr);
+  });
+  check_launch("moment_combine_kernel");
+  return out;
+}
+
+at::Tensor factored_update_cuda(at::TensorList params, at::TensorList fac_row, at::TensorList fac_col,
+                                at::TensorList gsq_sums, const at::Tensor& decays,
+                                const c10::optional<at::Tensor>& skip, c10::IntArrayRef global_geometry) {
+  constexpr const char* op = "factored_update_";
+  const auto infos = check_shards(op, "params", params, global_geometry);
+  check_factored_state(op, infos, params, fac_row, fac_col);
+  const int64_t n = static_cast<int64_t>(params.size());
+  if (n == 0) return at::zeros({0}, decays.options().dtype(at::kDouble));
+  const auto device = params[0].device();
+  check_decays(op, decays, n, device);
+  if (skip.has_value()) check_skip(op, *skip, device);
+  TORCH_CHECK(gsq_sums.size() == 2 * fac_row.size(), op, ": gsq_sums needs 2 entries per tensor "
+              "with ndim >= 2 (", 2 * fac_row.size(), "), got ", gsq_sums.size());
+  const c10::DeviceGuard guard(device);
+  const cudaStream_t stream = current_stream(device);
+  const float* decay_values = decays.data_ptr<float>();
+  const int64_t decays_stride = table_row_stride(decays, kDecays);
+  std::vector<TensorArgs> tensors;
+  int64_t total = 0;
+  for (size_t i = 0; i < params.size(); ++i)
+    if (infos[i].factored) total += kFactoredChannels * infos[i].geo.drop_pq_numel();
+  at::Tensor out = at::zeros({total}, decays.options().dtype(at::kDouble));
+  double* dst = out.data_ptr<double>();
+  for (size_t i = 0; i < params.size(); ++i) {
+    const auto& info = infos[i];
+    if (!info.factored) continue;
+    const int64_t k = info.state_index;
+    for (int side = 0; side < 2; ++side) {
+      const auto& g = gsq_sums[2 * k + side];
+      const auto expected = drop_axis(params[i].sizes().vec(), side == 0 ? info.geo.d0 : info.geo.d1);
+      TORCH_CHECK(g.scalar_type() == at::kDouble && g.is_contiguous() && g.sizes().vec() == expected &&
+                      g.device() == device,
+                  op, ": gsq_sums[", 2 * k + side, "] must be a contiguous float64 tensor of the shape "
+                  "of params[", i, "] without axis ", side == 0 ? info.geo.d0 : info.geo.d1, " on ", device);
+    }
+    TensorArgs t{};
+    t.row = fac_row[k].data_ptr<float>();
+    t.col = fac_col[k].data_ptr<float>();
+    t.decays = decay_values + i * decays_stride;
+    t.numel = info.total_numel;  // r and c are kept while the whole tensor has elements
+    t.geo = info.geo;
+    t.factored = 1;
+    t.d0_total = info.d0_total;
+    t.d1_total = info.d1_total;
+    t.gsq_row = gsq_sums[2 * k].data_ptr<double>();
+    t.gsq_col = gsq_sums[2 * k + 1].data_ptr<double>();
+    t.row_sums = dst;
+    dst += kFactoredChannels * info.geo.drop_pq_numel();
+    tensors.push_back(t);
+  }
+  const bool* skip_ptr = skip.has_value() ? skip->data_ptr<bool>() : nullptr;
+  const auto output_items = [&](const TensorArgs& t) {
+    return is_factored(t) ? t.geo.row_numel() + t.geo.col_numel() : 0;
+  };
+  for_each_table<Table, kMaxTensors>(tensors, output_items, [&](const Table& table) {
+    launch(factored_from_sums_kernel<small_fc_lopt::Policy>, blocks_for(table.start[table.count]),
+           kThreads, stream, table, skip_ptr);
+  });
+  check_launch("factored_from_sums_kernel");
+  const auto slice_items = [&](const TensorArgs& t) {
+    return t.geo.row_numel() > 0 ? t.geo.row_numel() / row_slices(t.geo).R : 0;
+  };
+  for_each_table<Table, kMaxTensors>(tensors, slice_items, [&](const Table& table) {
+    launch(row_sums_kernel, table.start[table.count], kThreads, stream, table);
+  });
+  check_launch("row_sums_kernel");
+  return out;
+}
+
+// The phase ops' bucket: as the one-call ops', with the complete row sums of r (and, for
+// phase 4, the complete feature sums) of every tensor.
+template <class P>
+void set_phase_inputs(Bucket<P>& bucket, const std::vector<TensorInfo>& infos,
+                      at::TensorList row_sums, double* feature_sums) {
+  for (size_t i = 0; i < infos.size(); ++i) {
+    TensorArgs& t = bucket.tensors[i];
+    if (infos[i].factored) t.row_sums = row_sums[infos[i].state_index].data_ptr<double>();
+    t.feature_sums = feature_sums + i * P::kFeatures;
+  }
+}
+
+template <class P>
+void launch_scratch(const std::vector<TensorArgs>& tensors, cudaStream_t stream) {
+  const auto items = [&](const TensorArgs& t) {
+    return t.factored && t.numel > 0 ? t.geo.row_numel() + t.geo.col_numel() : 0;
+  };
+  for_each_table<Table, kMaxTensors>(tensors, items, [&](const Table& table) {
+    launch(scratch_kernel, blocks_for(table.start[table.count]), kThreads, stream, table);
+  });
+  check_launch("scratch_kernel");
+}
+
+template <class P, typename Setup>
+at::Tensor feature_sums_cuda(const char* op, const std::vector<TensorInfo>& infos, at::TensorList params,
+                             at::TensorList grads, at::TensorList momentum, at::TensorList rms,
+                             at::TensorList fac_row, at::TensorList fac_col, at::TensorList fac_diag,
+                             at::TensorList row_sums, const bool* skip, Setup setup) {
+  const int64_t T = static_cast<int64_t>(params.size());
+  const c10::DeviceGuard guard(params[0].device());
+  const cudaStream_t stream = current_stream(params[0].device());
+  at::Tensor out = at::zeros({T, P::kFeatures}, params[0].options().dtype(at::kDouble));
+  Bucket<P> bucket(infos, params, grads, momentum, rms, fac_row, fac_col, fac_diag);
+  for (size_t i = 0; i < params.size(); ++i) setup(i, bucket.tensors[i]);
+  set_phase_inputs(bucket, infos, row_sums, out.data_ptr<double>());
+  launch_scratch<P>(bucket.tensors, stream);
+  const auto chunk_items = [](const TensorArgs& t) { return t.chunks; };
+  dispatch_storage(params[0].scalar_type(), op, [&](auto* tag) {
+    using S = std::remove_pointer_t<decltype(tag)>;
+    for_each_table<Table, kMaxTensors>(bucket.tensors, chunk_items, [&](const Table& table) {
+      launch(accumulate_kernel<P, S>, table.start[table.count], kThreads, stream, table, skip);
+    });
+    check_launch("accumulate_kernel");
+  });
+  const auto one = [](const TensorArgs&) { return int64_t{1}; };
+  for_each_table<Table, kMaxTensors>(bucket.tensors, one, [&](const Table& table) {
+    launch(feature_sums_kernel<P>, table.count, kThreads, stream, table, skip);
+  });
+  check_launch("feature_sums_kernel");
+  return out;
+}
+
+template <class P, typename Setup>
+void apply_cuda(const char* op, const std::vector<TensorInfo>& infos, at::TensorList params,
+                at::TensorList grads, at::TensorList momentum, at::TensorList rms,
+                at::TensorList fac_row, at::TensorList fac_col, at::TensorList fac_diag,
+                at::TensorList row_sums, const at::Tensor& feature_sums, const at::Tensor& lr,
+                double weight_decay, double step_mult, double exp_mult, const bool* skip, Setup setup) {
+  const c10::DeviceGuard guard(params[0].device());
+  const cudaStream_t stream = current_stream(params[0].device());
+  Bucket<P> bucket(infos, params, grads, momentum, rms, fac_row, fac_col, fac_diag);
+  for (size_t i = 0; i < params.size(); ++i) setup(i, bucket.tensors[i]);
+  set_phase_inputs(bucket, infos, row_sums, feature_sums.data_ptr<double>());
+  launch_scratch<P>(bucket.tensors, stream);
+  const at::Tensor lr32 = lr.to(at::kFloat);
+  const auto one = [](const TensorArgs&) { return int64_t{1}; };
+  for_each_table<Table, kMaxTensors>(bucket.tensors, one, [&](const Table& table) {
+    launch(fold_kernel<P>, table.count, kThreads, stream, table, static_cast<float>(step_mult), skip);
+  });
+  check_launch("fold_kernel");
+  const auto contrib_items = [&](const TensorArgs& t) { return is_factored(t) ? contrib_blocks(t.geo) : 0; };
+  for_each_table<Table, kMaxTensors>(bucket.tensors, contrib_items, [&](const Table& table) {
+    launch(contrib_kernel<P>, table.start[table.count], kThreads, stream, table, skip);
+  });
+  check_launch("contrib_kernel");
+  const auto chunk_items = [](const TensorArgs& t) { return t.chunks; };
+  dispatch_storage(params[0].scalar_type(), op, [&](auto* tag) {
+    using S = std::remove_pointer_t<decltype(tag)>;
+    for_each_table<Table, kMaxTensors>(bucket.tensors, chunk_items, [&](const Table& table) {
+      launch(update_kernel<P, S>, table.start[table.count], kThreads, stream, table,
+             lr32.data_ptr<float>(), static_cast<float>(weight_decay), static_cast<float>(exp_mult), skip);
+    });
+    check_launch("update_kernel");
+  });
+  bucket.finish();
+}
+
+at::Tensor small_fc_lopt_feature_sums_cuda(at::TensorList params, at::TensorList grads,
+                                           at::TensorList momentum, at::TensorList rms,
+                                           at::TensorList fac_row, at::TensorList fac_col,
+                                           at::TensorList fac_diag, at::TensorList row_sums,
+                                           const at::Tensor& decays, c10::IntArrayRef global_geometry) {
+  constexpr const char* op = "small_fc_lopt_feature_sums_";
+  const auto infos = check_accumulator_inputs(op, params, grads, momentum, rms, fac_row, fac_col,
+                                              fac_diag, global_geometry);
+  const int64_t T = static_cast<int64_t>(params.size());
+  if (T == 0) return at::zeros({0, small_fc_lopt::kFeatures}, decays.options().dtype(at::kDouble));
+  check_decays(op, decays, T, params[0].device());
+  check_row_sums(op, row_sums, infos, params);
+  const float* d = decays.data_ptr<float>();
+  const int64_t stride = table_row_stride(decays, kDecays);
+  return feature_sums_cuda<small_fc_lopt::Policy>(
+      op, infos, params, grads, momentum, rms, fac_row, fac_col, fac_diag, row_sums, nullptr,
+      [&](size_t i, TensorArgs& t) { t.decays = d + i * stride; });
+}
+
+void small_fc_lopt_apply_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum,
+                              at::TensorList rms, at::TensorList fac_row, at::TensorList fac_col,
+                              at::TensorList fac_diag, at::TensorList state_steps, const at::Tensor& lr,
+                              const at::Tensor& meta_weights, const at::Tensor& decays,
+                              at::TensorList row_sums, const at::Tensor& feature_sums,
+                              c10::IntArrayRef global_geometry, double weight_decay, double step_mult,
+                              double exp_mult) {
+  constexpr const char* op = "small_fc_lopt_apply_";
+  const auto infos = check_small_fc_lopt_inputs(params, grads, momentum, rms, fac_row, fac_col, fac_diag,
+                                                state_steps, lr, meta_weights, decays, global_geometry, op);
+  const int64_t T = static_cast<int64_t>(params.size());
+  if (T == 0) return;
+  check_row_sums(op, row_sums, infos, params);
+  check_feature_sums(op, feature_sums, T, small_fc_lopt::kFeatures, params[0].device());
+  const float* weights = meta_weights.data_ptr<float>();
+  const float* d = decays.data_ptr<float>();
+  const int64_t weights_stride = table_row_stride(meta_weights, small_fc_lopt::kPackedWeights);
+  const int64_t decays_stride = table_row_stride(decays, kDecays);
+  apply_cuda<small_fc_lopt::Policy>(
+      op, infos, params, grads, momentum, rms, fac_row, fac_col, fac_diag, row_sums, feature_sums, lr,
+      weight_decay, step_mult, exp_mult, nullptr, [&](size_t i, TensorArgs& t) {
+        t.weights = weights + i * weights_stride;
+        t.decays = d + i * decays_stride;
+        t.step = state_steps[i].data_ptr<float>();
+      });
+}
+
+at::Tensor velo_feature_sums_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum,
+                                  at::TensorList rms, at::TensorList fac_row, at::TensorList fac_col,
+                                  at::TensorList fac_diag, at::TensorList row_sums, const at::Tensor& skip,
+                                  c10::IntArrayRef global_geometry) {
+  constexpr const char* op = "velo_feature_sums_";
+  const auto infos = check_accumulator_inputs(op, params, grads, momentum, rms, fac_row, fac_col,
+                                              fac_diag, global_geometry);
+  const int64_t T = static_cast<int64_t>(params.size());
+  check_skip(op, skip, T > 0 ? params[0].device() : skip.device());
+  if (T == 0) return at::zeros({0, velo::kFeatures}, skip.options().dtype(at::kDouble));
+  check_row_sums(op, row_sums, infos, params);
+  return feature_sums_cuda<velo::Policy>(op, infos, params, grads, momentum, rms, fac_row, fac_col,
+                                         fac_diag, row_sums, skip.data_ptr<bool>(),
+                                         [](size_t, TensorArgs&) {});
+}
+
+void velo_apply_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum,
+                     at::TensorList rms, at::TensorList fac_row, at::TensorList fac_col,
+                     at::TensorList fac_diag, const at::Tensor& lr, const at::Tensor& mlp_weights,
+                     const at::Tensor& lr_mult, const at::Tensor& skip, at::TensorList row_sums,
+                     const at::Tensor& feature_sums, c10::IntArrayRef global_geometry,
+                     double weight_decay, double step_mult, double exp_mult) {
+  constexpr const char* op = "velo_apply_";
+  const auto infos = check_velo_step_inputs(params, grads, momentum, rms, fac_row, fac_col, fac_diag, lr,
+                                            mlp_weights, lr_mult, skip, global_geometry, op);
+  const int64_t T = static_cast<int64_t>(params.size());
+  if (T == 0) return;
+  check_row_sums(op, row_sums, infos, params);
+  check_feature_sums(op, feature_sums, T, velo::kFeatures, params[0].device());
+  const float* weights = mlp_weights.data_ptr<float>();
+  const float* mult = lr_mult.data_ptr<float>();
+  apply_cuda<velo::Policy>(op, infos, params, grads, momentum, rms, fac_row, fac_col, fac_diag, row_sums,
+                           feature_sums, lr, weight_decay, step_mult, exp_mult, skip.data_ptr<bool>(),
+                           [&](size_t i, TensorArgs& t) {
+                             t.weights = weights + i * velo::kPackedWeights;
+                             t.lr_mult = mult + i;
+                           });
+}
+
+at::Tensor velo_lstm_moments_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum,
+                                  at::TensorList rms, const c10::optional<at::Tensor>& momentum_means) {
+  check_velo_lstm_moments_inputs(params, grads, momentum, rms, momentum_means);
+  const int64_t T = static_cast<int64_t>(params.size());
+  if (T == 0) {
+    const auto options = momentum_means.has_value() ? momentum_means->options()
+                                                    : at::TensorOptions().dtype(at::kDouble);
+    return at::zeros({0, 6}, options.dtype(at::kDouble));
+  }
+  const c10::DeviceGuard guard(params[0].device());
+  const cudaStream_t stream = current_stream(params[0].device());
+  at::Tensor out = at::zeros({T, 6}, params[0].options().dtype(at::kDouble));
+  std::vector<at::Tensor> keep;
+  std::vector<StatsTensor> tensors;
+  int64_t chunks = 0;
+  for (int64_t i = 0; i < T; ++i) {
+    keep.push_back(params[i].contiguous());
+    keep.push_back(grads[i].contiguous());
+    StatsTensor t{};
+    t.p = keep[keep.size() - 2].data_ptr();
+    t.g = keep.back().data_ptr();
+    t.m = momentum[i].data_ptr<float>();
+    t.v = rms[i].data_ptr<float>();
+    t.numel = params[i].numel();
+    t.first_chunk = chunks;
+    t.index = i;
+    chunks += (t.numel + kChunk - 1) / kChunk;
+    tensors.push_back(t);
+  }
+  at::Tensor moments = uninitialized(
+      {std::max<int64_t>(chunks, 1) * static_cast<int64_t>(sizeof(velo::ChunkMoments))},
+      params[0].options().dtype(at::kByte));
+  auto* chunk_out = reinterpret_cast<velo::ChunkMoments*>(moments.data_ptr());
+  const auto chunk_items = [](const StatsTensor& t) { return (t.numel + kChunk - 1) / kChunk; };
+  dispatch_storage(params[0].scalar_type(), "velo_lstm_moments", [&](auto* tag) {
+    using S = std::remove_pointer_t<decltype(tag)>;
+    for_each_table<StatsTable, kMaxStatsTensors>(tensors, chunk_items, [&](const StatsTable& table) {
+      launch(chunk_moments_kernel<S>, table.start[table.count], kThreads, stream, table, chunk_out);
+    });
+  });
+  check_launch("chunk_moments_kernel");
+  const double* means = momentum_means.has_value() ? momentum_means->data_ptr<double>() : nullptr;
+  for_each_table<StatsTable, kMaxStatsTensors>(tensors, chunk_items, [&](const StatsTable& table) {
+    launch(moments_kernel, table.count, kThreads, stream, table, chunk_out, means, out.data_ptr<double>());
+  });
+  check_launch("moments_kernel");
+  return out;
+}
+
+at::Tensor velo_lstm_rows_cuda(const at::Tensor& loss_features, const at::Tensor& iteration, double num_steps,
+                               const at::Tensor& sums, const at::Tensor& spreads, c10::IntArrayRef numels,
+                               c10::IntArrayRef dims) {
+  check_velo_lstm_rows_inputs(loss_features, iteration, num_steps, sums, spreads, numels, dims);
+  const int64_t T = static_cast<int64_t>(numels.size());
+  const c10::DeviceGuard guard(loss_features.device());
+  at::Tensor X = uninitialized({T, velo::kLstmInputs}, loss_features.options());
+  if (T == 0) return X;
+  const cudaStream_t stream = current_stream(loss_features.device());
+  std::vector<StatsTensor> tensors;
+  for (int64_t i = 0; i < T; ++i) {
+    StatsTensor t{};
+    t.numel = numels[i];
+    t.dims = static_cast<int>(dims[i]);
+    t.index = i;
+    tensors.push_back(t);
+  }
+  const at::Tensor iteration32 = iteration.to(at::kFloat);
+  const auto one = [](const StatsTensor&) { return int64_t{1}; };
+  for_each_table<StatsTable, kMaxStatsTensors>(tensors, one, [&](const StatsTable& table) {
+    launch(rows_from_moments_kernel, blocks_for(table.count), kThreads, stream, table,
+           sums.data_ptr<double>(), spreads.data_ptr<double>(), loss_features.data_ptr<float>(),
+           iteration32.data_ptr<float>(), static_cast<float>(num_steps), X.data_ptr<float>());
+  });
+  check_launch("rows_from_moments_kernel");
+  return X;
+}
+
 }  // namespace
 }  // namespace cuda
 
@@ -319,6 +699,14 @@ TORCH_LIBRARY_IMPL(LO_OPS_CUDA_LIBRARY, LO_OPS_CUDA_DISPATCH_KEY, m) {
   m.impl("small_fc_lopt_step_", &cuda::small_fc_lopt_step_cuda);
   m.impl("velo_lstm_input", &cuda::velo_lstm_input_cuda);
   m.impl("velo_step_", &cuda::velo_step_cuda);
+  m.impl("factored_gsq_sums", &cuda::factored_gsq_sums_cuda);
+  m.impl("factored_update_", &cuda::factored_update_cuda);
+  m.impl("small_fc_lopt_feature_sums_", &cuda::small_fc_lopt_feature_sums_cuda);
+  m.impl("small_fc_lopt_apply_", &cuda::small_fc_lopt_apply_cuda);
+  m.impl("velo_feature_sums_", &cuda::velo_feature_sums_cuda);
+  m.impl("velo_apply_", &cuda::velo_apply_cuda);
+  m.impl("velo_lstm_moments", &cuda::velo_lstm_moments_cuda);
+  m.impl("velo_lstm_rows", &cuda::velo_lstm_rows_cuda);
 }
 
 }  // namespace lo_ops

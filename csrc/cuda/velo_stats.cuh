@@ -139,6 +139,77 @@ __global__ void __launch_bounds__(kThreads) lstm_rows_kernel(StatsTable table,
   tensor_finite[t.index] = finite;
 }
 
+// velo_lstm_moments: one block per tensor (items: one per tensor), the reductions of
+// lstm_rows_kernel written out as float64 [6] per tensor (row t.index of `out`): without
+// `means`, sum p^2, sum m_k, sum v and the number of chunks holding a non-finite gradient;
+// with the tensors' momentum means ([T, 3]), the spreads about them.
+__global__ void __launch_bounds__(kThreads) moments_kernel(StatsTable table,
+                                                           const velo::ChunkMoments* chunks,
+                                                           const double* means, double* out) {
+  __shared__ double scratch[kWarps];
+  const StatsTensor& t = table.t[blockIdx.x];
+  const velo::ChunkMoments* mine = chunks + t.first_chunk;
+  const int64_t num_chunks = (t.numel + kChunk - 1) / kChunk;
+  double* row = out + t.index * 6;
+  velo::TensorMoments part;
+  if (means == nullptr) {
+    double nonfinite = 0.0;
+    for (int64_t c = threadIdx.x; c < num_chunks; c += kThreads) {
+      nonfinite += mine[c].finite ? 0.0 : 1.0;
+      velo::add_chunk_sums(mine[c], part);
+    }
+    const double p_sq = block_sum(part.p_sq, scratch);
+    const double v = block_sum(part.v, scratch);
+    double m[kMomentumChannels];
+    for (int k = 0; k < kMomentumChannels; ++k) m[k] = block_sum(part.m[k], scratch);
+    nonfinite = block_sum(nonfinite, scratch);
+    if (threadIdx.x == 0) {
+      row[0] = p_sq;
+      for (int k = 0; k < kMomentumChannels; ++k) row[1 + k] = m[k];
+      row[4] = v;
+      row[5] = nonfinite;
+    }
+    return;
+  }
+  double mu[kMomentumChannels];
+  for (int k = 0; k < kMomentumChannels; ++k) mu[k] = means[t.index * kMomentumChannels + k];
+  for (int64_t c = threadIdx.x; c < num_chunks; c += kThreads)
+    velo::add_chunk_spreads(mine[c], velo::chunk_count(t.numel, c, kChunk), mu, part);
+  for (int k = 0; k < kMomentumChannels; ++k) {
+    const double m = block_sum(part.m_centred_sq[k], scratch);
+    const double v = block_sum(part.v_spread_sq[k], scratch);
+    if (threadIdx.x == 0) {
+      row[k] = m;
+      row[kMomentumChannels + k] = v;
+    }
+  }
+}
+
+// velo_lstm_rows: one thread per tensor of the table (items: one per tensor, t.numel and
+// t.dims those of the whole tensor): its row of X from the complete sums and spreads.
+__global__ void __launch_bounds__(kThreads) rows_from_moments_kernel(
+    StatsTable table, const double* sums, const double* spreads, const float* loss_features,
+    const float* iteration, float num_steps, float* X) {
+  const int64_t item = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x;
+  if (item >= table.count) return;
+  const StatsTensor& t = table.t[item];
+  const double* s = sums + t.index * 6;
+  const double* d = spreads + t.index * 6;
+  velo::TensorMoments mo;
+  mo.p_sq = s[0];
+  mo.v = s[4];
+  for (int k = 0; k < kMomentumChannels; ++k) {
+    mo.m[k] = s[1 + k];
+    mo.m_centred_sq[k] = d[k];
+    mo.v_spread_sq[k] = d[kMomentumChannels + k];
+  }
+  float* row = X + t.index * velo::kLstmInputs;
+  const float step = *iteration;
+  for (int k = 0; k < velo::kTimeFeatures; ++k) row[k] = velo::time_feature(step, num_steps, k);
+  for (int k = 0; k < velo::kLossFeatures; ++k) row[velo::kFirstLossFeature + k] = loss_features[k];
+  velo::lstm_tensor_features(mo, t.numel, t.dims, row);
+}
+
 // One block: out = AND of the n flags.
 __global__ void __launch_bounds__(kThreads) all_true_kernel(const bool* flags, int64_t n,
                                                             bool* out) {
