@@ -59,7 +59,7 @@ CUDA_PY := $(CUDA_VENV)/bin/python
 CUDA_HOME ?= $(shell nvcc --dryrun -x cu -E /dev/null 2>&1 | sed -n 's|^#\$$ _HERE_=\(.*\)/bin/*$$|\1|p' | head -n 1)
 CUDA_OPS := small_fc_lopt_step_ velo_lstm_input velo_step_ factored_gsq_sums factored_update_ \
             small_fc_lopt_feature_sums_ small_fc_lopt_apply_ velo_feature_sums_ velo_apply_ \
-            velo_lstm_moments velo_lstm_rows
+            velo_lstm_moments velo_lstm_rows celo_adam_step_
 
 cuda-build:
 	@[ -n "$(CUDA_HOME)" ] || { echo "cuda-build: no nvcc on PATH; set CUDA_HOME to the CUDA toolkit root (e.g. /usr/local/cuda-13.0)"; exit 1; }

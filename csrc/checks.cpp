@@ -1,6 +1,7 @@
 // Host-side argument checks of the lo_ops ops (checks.h), shared by every backend.
 #include "checks.h"
 
+#include <cmath>
 #include <string>
 
 #include "small_fc_lopt_math.h"
@@ -356,6 +357,45 @@ void check_velo_lstm_input_inputs(at::TensorList params, at::TensorList grads,
   check_lstm_tensors(op, params, grads, momentum, rms, device);
 }
 
+
+void check_celo_adam_inputs(at::TensorList params, at::TensorList grads, at::TensorList exp_avg,
+                            at::TensorList exp_avg_sq, const at::Tensor& lr,
+                            const at::Tensor& lr_mult, const at::Tensor& iteration,
+                            const at::Tensor& skip, double step_mult, double epsilon) {
+  constexpr const char* op = "celo_adam_step_";
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && exp_avg.size() == n && exp_avg_sq.size() == n, op,
+              ": params, grads, exp_avg and exp_avg_sq must have the same length, got ", n, ", ",
+              grads.size(), ", ", exp_avg.size(), ", ", exp_avg_sq.size());
+  TORCH_CHECK(std::isfinite(step_mult) && std::isfinite(epsilon) && epsilon >= 0, op,
+              ": step_mult must be finite and epsilon finite and >= 0, got ", step_mult, " and ",
+              epsilon);
+  const auto device = n > 0 ? params[0].device() : lr_mult.device();
+  check_lr(op, lr, device);
+  check_float_tensor(op, "lr_mult", lr_mult, {static_cast<int64_t>(n)}, device);
+  TORCH_CHECK(iteration.numel() == 1 && iteration.scalar_type() == at::kFloat &&
+                  iteration.device() == device,
+              op, ": iteration must be a float32 tensor with one element on ", device, ", got ",
+              iteration.scalar_type(), " of shape ", shape_str(sizes_of(iteration)), " on ",
+              iteration.device());
+  check_skip(op, skip, device);
+  for (size_t i = 0; i < n; ++i) {
+    const auto& p = params[i];
+    TORCH_CHECK(p.device() == device, op, ": params[", i, "] is on ", p.device(),
+                " but params[0] is on ", device, "; one call takes the tensors of one device");
+    TORCH_CHECK(p.scalar_type() == params[0].scalar_type(), op, ": params[", i, "] is ",
+                p.scalar_type(), " but params[0] is ", params[0].scalar_type(),
+                "; one call takes the tensors of one dtype");
+    TORCH_CHECK(at::isFloatingType(p.scalar_type()) && p.layout() == at::kStrided, op,
+                ": params[", i, "] must be a dense real floating-point tensor");
+    TORCH_CHECK(grads[i].layout() == at::kStrided && grads[i].device() == device &&
+                    grads[i].scalar_type() == p.scalar_type() && grads[i].sizes() == p.sizes(),
+                op, ": grads[", i, "] must be a dense ", p.scalar_type(), " tensor of shape ",
+                shape_str(sizes_of(p)), " on ", device);
+    check_state(op, exp_avg[i], "exp_avg", i, p, sizes_of(p));
+    check_state(op, exp_avg_sq[i], "exp_avg_sq", i, p, sizes_of(p));
+  }
+}
 
 void check_velo_lstm_rows_inputs(const at::Tensor& loss_features, const at::Tensor& iteration,
                                  double num_steps, const at::Tensor& sums,

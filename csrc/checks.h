@@ -82,6 +82,12 @@ void check_velo_lstm_input_inputs(at::TensorList params, at::TensorList grads,
                                   const at::Tensor& loss_features, const at::Tensor& iteration,
                                   double num_steps);
 
+// Validates the arguments of lo_ops::celo_adam_step_.
+void check_celo_adam_inputs(at::TensorList params, at::TensorList grads, at::TensorList exp_avg,
+                            at::TensorList exp_avg_sq, const at::Tensor& lr,
+                            const at::Tensor& lr_mult, const at::Tensor& iteration,
+                            const at::Tensor& skip, double step_mult, double epsilon);
+
 // Validates the arguments of lo_ops::velo_lstm_rows.
 void check_velo_lstm_rows_inputs(const at::Tensor& loss_features, const at::Tensor& iteration,
                                  double num_steps, const at::Tensor& sums,

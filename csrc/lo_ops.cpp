@@ -47,6 +47,18 @@ TORCH_LIBRARY(lo_ops, m) {
       "Tensor lr, Tensor mlp_weights, Tensor lr_mult, Tensor skip, float weight_decay, "
       "float step_mult, float exp_mult) -> ()");
 
+  // One Celo-Adam step (spec 5.3) for the parameters of one (param group, device, dtype)
+  // bucket: gradients clipped to [-1000, 1000], exp_avg (decay 0.9) and exp_avg_sq (decay
+  // 0.999), float32 state of the parameters' shapes, bias-corrected with tau = iteration + 1
+  // (a float32 tensor with one element: the updates applied before this one), step
+  // m_hat * lr_mult[i] * step_mult / (epsilon + sqrt(v_hat + 1e-10)) with lr_mult [T] from the
+  // learned schedule, p <- p - lr * step, then decoupled weight decay. When skip (a bool
+  // scalar) is true, nothing is changed.
+  m.def(
+      "celo_adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avg, "
+      "Tensor(c!)[] exp_avg_sq, Tensor lr, Tensor lr_mult, Tensor iteration, Tensor skip, "
+      "float weight_decay, float step_mult, float epsilon) -> ()");
+
   // -- Phase ops: one step of parameters that may be shards of larger tensors, split where the
   // step sums over a whole tensor. Each returns float64 sums over its shards' own elements; the
   // caller adds them up across the shards of each tensor (lo_ops._distributed) and hands the

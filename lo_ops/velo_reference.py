@@ -251,3 +251,39 @@ def velo_step_(params, grads, momentum, rms, fac_row, fac_col, fac_diag, lr, mlp
     velo_slots(slots, lr=lr.float().reshape(()), mlp_weights=mlp_weights, lr_mult=lr_mult,
                weight_decay=weight_decay, step_mult=step_mult, exp_mult=exp_mult)
     keep_if(skip.reshape(()).bool(), tensors, saved)
+
+
+# -- Celo-Adam's update (spec 5.3) ------------------------------------------------------------------
+CELO_ADAM_BETAS = (0.9, 0.999)
+
+
+def bias_correction(decay: float, tau: Tensor) -> Tensor:
+    """``1 - decay**tau`` in float32, the power of the float32 ``decay`` evaluated in float64
+    and rounded to float32 (what the original's float32 arithmetic gives)."""
+    d = torch.tensor(decay, dtype=torch.float32).double()
+    return 1 - torch.pow(d.to(tau.device), tau.double()).float()
+
+
+@torch.no_grad()
+def celo_adam_step_(params, grads, exp_avg, exp_avg_sq, lr, lr_mult, iteration, skip, weight_decay,
+                    step_mult, epsilon):
+    """Reference of ``torch.ops.lo_ops.celo_adam_step_`` (same arguments, same effect; ``skip``
+    selected with ``torch.where``, no host sync)."""
+    if not params:
+        return
+    skip = skip.reshape(()).bool()
+    lr = lr.float().reshape(())
+    tau = iteration.float().reshape(()) + 1
+    bc1, bc2 = (bias_correction(b, tau) for b in CELO_ADAM_BETAS)
+    b1, b2 = (torch.tensor(b, dtype=torch.float32, device=lr.device) for b in CELO_ADAM_BETAS)
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avg, exp_avg_sq)):
+        g32 = torch.clamp(g.float(), -VELO_GRAD_CLIP, VELO_GRAD_CLIP)
+        new_m = b1 * m + (1 - b1) * g32
+        new_v = b2 * v + (1 - b2) * g32 * g32
+        lr_i = lr_mult[i] * torch.tensor(step_mult, dtype=torch.float32, device=lr.device)
+        step = (new_m / bc1) * (lr_i / (epsilon + torch.sqrt(new_v / bc2 + 1e-10)))
+        new_p = p.float() - lr * step
+        new_p = new_p - lr * weight_decay * new_p
+        m.copy_(torch.where(skip, m, new_m))
+        v.copy_(torch.where(skip, v, new_v))
+        p.copy_(torch.where(skip, p, new_p.to(p.dtype)))

@@ -22,6 +22,7 @@ from lo_ops._layout import (
 )
 
 __all__ = [
+    "celo_adam_step_fake",
     "factored_gsq_sums_fake",
     "factored_update_fake",
     "small_fc_lopt_apply_fake",
@@ -371,3 +372,26 @@ def velo_lstm_rows_fake(loss_features, iteration, num_steps, sums, spreads, nume
             lambda: f"{op}: {name} must be float64 [{T}, 6], got {t.dtype} {tuple(t.shape)}",
         )
     return loss_features.new_empty((T, VELO_LSTM_INPUTS))
+
+
+@torch.library.register_fake("lo_ops::celo_adam_step_")
+def celo_adam_step_fake(params, grads, exp_avg, exp_avg_sq, lr, lr_mult, iteration, skip, weight_decay,
+                        step_mult, epsilon):
+    op = "celo_adam_step_"
+    n = len(params)
+    torch._check(
+        len(grads) == n and len(exp_avg) == n and len(exp_avg_sq) == n,
+        lambda: f"{op}: params, grads, exp_avg and exp_avg_sq must have the same length",
+    )
+    torch._check(lr.numel() == 1, lambda: f"{op}: lr must have one element")
+    torch._check(lr_mult.dtype == torch.float32 and lr_mult.shape == (n,), lambda: f"{op}: lr_mult must be float32 [{n}]")
+    torch._check(iteration.numel() == 1 and iteration.dtype == torch.float32,
+                 lambda: f"{op}: iteration must be a float32 tensor with one element")
+    torch._check(skip.dtype == torch.bool and skip.numel() == 1, lambda: f"{op}: skip must be a bool tensor with one element")
+    for i, (p, g) in enumerate(zip(params, grads)):
+        torch._check(p.is_floating_point() and p.dtype == params[0].dtype,
+                     lambda: f"{op}: params[{i}] must be {params[0].dtype}")
+        torch._check(g.shape == p.shape and g.dtype == p.dtype and g.device == p.device,
+                     lambda: f"{op}: grads[{i}] must match its parameter's shape, dtype and device")
+        _check_state(exp_avg[i], "exp_avg", i, p, p.shape, op)
+        _check_state(exp_avg_sq[i], "exp_avg_sq", i, p, p.shape, op)

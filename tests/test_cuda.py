@@ -285,3 +285,21 @@ def test_phase_ops_equal_the_one_call_ops_on_the_gpu(dtype, monkeypatch):
     phases.test_velo_on_shards_equals_the_whole_tensor(0, 3)
     phases.test_velo_on_shards_equals_the_whole_tensor(1, 2)
     phases.test_shards_without_elements_add_nothing()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_celo_adam_step_on_the_gpu_matches_the_cpu(dtype):
+    from test_celo_adam_op import _args, _clone
+
+    a = _args(SHAPES + [(70000,)], dtype)
+    b = [[x.cuda() for x in v] if isinstance(v, list) else (v.cuda() if isinstance(v, torch.Tensor) else v)
+         for v in _clone(a)]
+    for k in range(3):
+        a[6].fill_(float(k))
+        b[6].fill_(float(k))
+        torch.ops.lo_ops.celo_adam_step_(*a)
+        torch.ops.lo_ops.celo_adam_step_(*b)
+    tol = dict(rtol=1e-6, atol=1e-9) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-3)
+    for la, lb in zip(a[:4], b[:4]):
+        for x, y in zip(la, lb):
+            torch.testing.assert_close(y.cpu(), x, **tol)

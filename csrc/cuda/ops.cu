@@ -15,6 +15,7 @@
 #include "../small_fc_lopt_math.h"
 #include "../velo_math.h"
 #include "adafactor_mlp.cuh"
+#include "celo_adam.cuh"
 #include "launch.cuh"
 #include "velo_stats.cuh"
 
@@ -692,10 +693,49 @@ at::Tensor velo_lstm_rows_cuda(const at::Tensor& loss_features, const at::Tensor
   return X;
 }
 
+void celo_adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avg,
+                         at::TensorList exp_avg_sq, const at::Tensor& lr, const at::Tensor& lr_mult,
+                         const at::Tensor& iteration, const at::Tensor& skip, double weight_decay,
+                         double step_mult, double epsilon) {
+  check_celo_adam_inputs(params, grads, exp_avg, exp_avg_sq, lr, lr_mult, iteration, skip, step_mult,
+                         epsilon);
+  if (params.empty()) return;
+  const c10::DeviceGuard guard(params[0].device());
+  const cudaStream_t stream = current_stream(params[0].device());
+  std::vector<at::Tensor> contiguous, keep;
+  std::vector<AdamTensor> tensors;
+  for (size_t i = 0; i < params.size(); ++i) {
+    contiguous.push_back(params[i].contiguous());
+    keep.push_back(grads[i].contiguous());
+    AdamTensor t{};
+    t.p = contiguous.back().data_ptr();
+    t.g = keep.back().data_ptr();
+    t.m = exp_avg[i].data_ptr<float>();
+    t.v = exp_avg_sq[i].data_ptr<float>();
+    t.numel = params[i].numel();
+    t.index = static_cast<int64_t>(i);
+    tensors.push_back(t);
+  }
+  const at::Tensor lr32 = lr.to(at::kFloat);
+  const auto chunk_items = [](const AdamTensor& t) { return (t.numel + kChunk - 1) / kChunk; };
+  dispatch_storage(params[0].scalar_type(), "celo_adam_step_", [&](auto* tag) {
+    using S = std::remove_pointer_t<decltype(tag)>;
+    for_each_table<AdamTable, kMaxAdamTensors>(tensors, chunk_items, [&](const AdamTable& table) {
+      launch(celo_adam_kernel<S>, table.start[table.count], kThreads, stream, table, lr32.data_ptr<float>(),
+             lr_mult.data_ptr<float>(), iteration.data_ptr<float>(), static_cast<float>(weight_decay),
+             static_cast<float>(step_mult), static_cast<float>(epsilon), skip.data_ptr<bool>());
+    });
+    check_launch("celo_adam_kernel");
+  });
+  for (size_t i = 0; i < params.size(); ++i)
+    if (!params[i].is_same(contiguous[i])) params[i].copy_(contiguous[i]);
+}
+
 }  // namespace
 }  // namespace cuda
 
 TORCH_LIBRARY_IMPL(LO_OPS_CUDA_LIBRARY, LO_OPS_CUDA_DISPATCH_KEY, m) {
+  m.impl("celo_adam_step_", &cuda::celo_adam_step_cuda);
   m.impl("small_fc_lopt_step_", &cuda::small_fc_lopt_step_cuda);
   m.impl("velo_lstm_input", &cuda::velo_lstm_input_cuda);
   m.impl("velo_step_", &cuda::velo_step_cuda);

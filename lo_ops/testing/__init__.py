@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 SCHEDULES = ("lockstep", "adversarial")
 OPS = ("small_fc_lopt_step_", "velo_lstm_input", "velo_step_", "factored_gsq_sums", "factored_update_",
        "small_fc_lopt_feature_sums_", "small_fc_lopt_apply_", "velo_feature_sums_", "velo_apply_",
-       "velo_lstm_moments", "velo_lstm_rows")
+       "velo_lstm_moments", "velo_lstm_rows", "celo_adam_step_")
 EMULATED = "lo_ops_cuda_emulated"
 _EMULATOR_DIR = Path(__file__).resolve().parent / "cuda_emulator"
 _STATS = ("launches", "blocks", "threads", "switches", "barriers", "exchanges")
