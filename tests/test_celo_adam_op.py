@@ -144,8 +144,8 @@ def test_under_the_cuda_emulator_matches_the_cpu_kernel():
     with cuda_emulation("adversarial", seed=2):
         ops.celo_adam_step_(*b)
     for la, lb in zip(a[:4], b[:4]):
-        for x, y in zip(la, lb):
-            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-9)
+        for x, y in zip(la, lb):  # (fused multiply-adds on one side: a few ulps)
+            torch.testing.assert_close(x, y, rtol=4e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("case", ["mixed_fp32", "mixed_bf16", "empty_list"])
