@@ -273,6 +273,35 @@ void check_factored_state(const char* op, const std::vector<TensorInfo>& infos,
               " tensors with ndim >= 2");
 }
 
+std::vector<TensorInfo> check_factored_update_inputs(at::TensorList params, at::TensorList fac_row,
+                                                     at::TensorList fac_col, at::TensorList gsq_sums,
+                                                     const at::Tensor& decays,
+                                                     const c10::optional<at::Tensor>& skip,
+                                                     c10::IntArrayRef global_geometry) {
+  constexpr const char* op = "factored_update_";
+  auto infos = check_shards(op, "params", params, global_geometry);
+  check_factored_state(op, infos, params, fac_row, fac_col);
+  if (params.empty()) return infos;
+  const auto device = params[0].device();
+  check_decays(op, decays, static_cast<int64_t>(params.size()), device);
+  if (skip.has_value()) check_skip(op, *skip, device);
+  TORCH_CHECK(gsq_sums.size() == 2 * fac_row.size(), op, ": gsq_sums needs 2 entries per tensor "
+              "with ndim >= 2 (", 2 * fac_row.size(), "), got ", gsq_sums.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const auto& info = infos[i];
+    if (!info.factored) continue;
+    for (int side = 0; side < 2; ++side) {
+      const auto& t = gsq_sums[2 * info.state_index + side];
+      const int axis = side == 0 ? info.geo.d0 : info.geo.d1;
+      TORCH_CHECK(t.scalar_type() == at::kDouble && t.is_contiguous() &&
+                      sizes_of(t) == drop_axis(sizes_of(params[i]), axis) && t.device() == device,
+                  op, ": gsq_sums[", 2 * info.state_index + side, "] must be a contiguous float64 "
+                  "tensor of the shape of params[", i, "] without axis ", axis, " on ", device);
+    }
+  }
+  return infos;
+}
+
 void check_row_sums(const char* op, at::TensorList row_sums, const std::vector<TensorInfo>& infos,
                     at::TensorList params) {
   size_t k = 0;
@@ -322,16 +351,14 @@ void check_decays(const char* op, const at::Tensor& decays, int64_t tensors,
 }
 
 namespace {
-void check_lstm_tensors(const char* op, at::TensorList params, at::TensorList grads,
-                        at::TensorList momentum, at::TensorList rms, const at::Device& device) {
-  const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && momentum.size() == n && rms.size() == n, op,
-              ": params, grads, momentum and rms must have the same length, got ", n, ", ",
-              grads.size(), ", ", momentum.size(), ", ", rms.size());
-  for (size_t i = 0; i < n; ++i) {
+// Parameters of one device and one real floating dtype, dense, with dense gradients of their
+// dtype and shape.
+void check_params_and_grads(const char* op, at::TensorList params, at::TensorList grads,
+                            const at::Device& device) {
+  for (size_t i = 0; i < params.size(); ++i) {
     const auto& p = params[i];
     TORCH_CHECK(p.device() == device, op, ": params[", i, "] is on ", p.device(),
-                " but params[0] is on ", device);
+                " but params[0] is on ", device, "; one call takes the tensors of one device");
     TORCH_CHECK(p.scalar_type() == params[0].scalar_type(), op, ": params[", i, "] is ",
                 p.scalar_type(), " but params[0] is ", params[0].scalar_type(),
                 "; one call takes the tensors of one dtype");
@@ -341,8 +368,19 @@ void check_lstm_tensors(const char* op, at::TensorList params, at::TensorList gr
                     grads[i].scalar_type() == p.scalar_type() && grads[i].sizes() == p.sizes(),
                 op, ": grads[", i, "] must be a dense ", p.scalar_type(), " tensor of shape ",
                 shape_str(sizes_of(p)), " on ", device);
-    check_state(op, momentum[i], "momentum", i, p, with_channels(sizes_of(p)));
-    check_state(op, rms[i], "rms", i, p, sizes_of(p));
+  }
+}
+
+void check_lstm_tensors(const char* op, at::TensorList params, at::TensorList grads,
+                        at::TensorList momentum, at::TensorList rms, const at::Device& device) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && momentum.size() == n && rms.size() == n, op,
+              ": params, grads, momentum and rms must have the same length, got ", n, ", ",
+              grads.size(), ", ", momentum.size(), ", ", rms.size());
+  check_params_and_grads(op, params, grads, device);
+  for (size_t i = 0; i < n; ++i) {
+    check_state(op, momentum[i], "momentum", i, params[i], with_channels(sizes_of(params[i])));
+    check_state(op, rms[i], "rms", i, params[i], sizes_of(params[i]));
   }
 }
 }  // namespace
@@ -379,21 +417,10 @@ void check_celo_adam_inputs(at::TensorList params, at::TensorList grads, at::Ten
               iteration.scalar_type(), " of shape ", shape_str(sizes_of(iteration)), " on ",
               iteration.device());
   check_skip(op, skip, device);
+  check_params_and_grads(op, params, grads, device);
   for (size_t i = 0; i < n; ++i) {
-    const auto& p = params[i];
-    TORCH_CHECK(p.device() == device, op, ": params[", i, "] is on ", p.device(),
-                " but params[0] is on ", device, "; one call takes the tensors of one device");
-    TORCH_CHECK(p.scalar_type() == params[0].scalar_type(), op, ": params[", i, "] is ",
-                p.scalar_type(), " but params[0] is ", params[0].scalar_type(),
-                "; one call takes the tensors of one dtype");
-    TORCH_CHECK(at::isFloatingType(p.scalar_type()) && p.layout() == at::kStrided, op,
-                ": params[", i, "] must be a dense real floating-point tensor");
-    TORCH_CHECK(grads[i].layout() == at::kStrided && grads[i].device() == device &&
-                    grads[i].scalar_type() == p.scalar_type() && grads[i].sizes() == p.sizes(),
-                op, ": grads[", i, "] must be a dense ", p.scalar_type(), " tensor of shape ",
-                shape_str(sizes_of(p)), " on ", device);
-    check_state(op, exp_avg[i], "exp_avg", i, p, sizes_of(p));
-    check_state(op, exp_avg_sq[i], "exp_avg_sq", i, p, sizes_of(p));
+    check_state(op, exp_avg[i], "exp_avg", i, params[i], sizes_of(params[i]));
+    check_state(op, exp_avg_sq[i], "exp_avg_sq", i, params[i], sizes_of(params[i]));
   }
 }
 

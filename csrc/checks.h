@@ -67,6 +67,14 @@ std::vector<TensorInfo> check_shards(const char* op, const char* name, at::Tenso
 void check_factored_state(const char* op, const std::vector<TensorInfo>& infos,
                           at::TensorList params, at::TensorList fac_row, at::TensorList fac_col);
 
+// Validates the arguments of lo_ops::factored_update_ (gsq_sums: 2 per tensor with ndim >= 2,
+// shaped like the tensor without d0, then without d1) and describes each parameter.
+std::vector<TensorInfo> check_factored_update_inputs(at::TensorList params, at::TensorList fac_row,
+                                                     at::TensorList fac_col, at::TensorList gsq_sums,
+                                                     const at::Tensor& decays,
+                                                     const c10::optional<at::Tensor>& skip,
+                                                     c10::IntArrayRef global_geometry);
+
 // Validates the row sums of r (one float64 [3, *S without d0 and d1] per factored tensor) and
 // the complete feature sums ([T, features] float64) that phase ops take.
 void check_row_sums(const char* op, at::TensorList row_sums, const std::vector<TensorInfo>& infos,

@@ -109,16 +109,9 @@ at::Tensor factored_update_cpu(at::TensorList params, at::TensorList fac_row,
                                             const at::Tensor& decays,
                                             const c10::optional<at::Tensor>& skip,
                                             c10::IntArrayRef global_geometry) {
-  constexpr const char* op = "factored_update_";
-  const auto infos = check_shards(op, "params", params, global_geometry);
-  check_factored_state(op, infos, params, fac_row, fac_col);
-  const int64_t n = static_cast<int64_t>(params.size());
-  if (n == 0) return at::zeros({0}, decays.options().dtype(at::kDouble));
-  const auto device = params[0].device();
-  check_decays(op, decays, n, device);
-  if (skip.has_value()) check_skip(op, *skip, device);
-  TORCH_CHECK(gsq_sums.size() == 2 * fac_row.size(), op, ": gsq_sums needs 2 entries per tensor "
-              "with ndim >= 2 (", 2 * fac_row.size(), "), got ", gsq_sums.size());
+  const auto infos = check_factored_update_inputs(params, fac_row, fac_col, gsq_sums, decays, skip,
+                                                  global_geometry);
+  if (params.empty()) return at::zeros({0}, decays.options().dtype(at::kDouble));
   const bool frozen = skip.has_value() && *skip->data_ptr<bool>();
   const float* decay_values = decays.data_ptr<float>();
   const int64_t decays_stride = table_row_stride(decays, kDecays);
@@ -128,19 +121,6 @@ at::Tensor factored_update_cpu(at::TensorList params, at::TensorList fac_row,
     if (!infos[i].factored) continue;
     if (infos[i].total_numel > 0 && !frozen) updated.push_back(static_cast<int64_t>(factored.size()));
     factored.push_back(i);
-  }
-  for (size_t k = 0; k < factored.size(); ++k) {
-    const auto s = sizes_of(params[factored[k]]);
-    const auto& geo = infos[factored[k]].geo;
-    for (int side = 0; side < 2; ++side) {
-      const auto& t = gsq_sums[2 * k + side];
-      const auto expected = drop_axis(s, side == 0 ? geo.d0 : geo.d1);
-      TORCH_CHECK(t.scalar_type() == at::kDouble && t.is_contiguous() && sizes_of(t) == expected &&
-                      t.device() == device,
-                  op, ": gsq_sums[", 2 * k + side, "] must be a contiguous float64 tensor of "
-                  "the shape of params[", factored[k], "] without axis ", side == 0 ? geo.d0 : geo.d1,
-                  " on ", device);
-    }
   }
   // r and c take the means of g^2 over the whole sizes of d0 and d1.
   const cpu::CpuIsa isa = cpu::select_isa();

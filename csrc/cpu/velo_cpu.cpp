@@ -144,6 +144,47 @@ void chunk_moments_for(cpu::CpuIsa isa, const scalar_t* p, const scalar_t* g, co
   chunk_moments_base(p, g, m, n, v, e0, e1, out);
 }
 
+// The moments of every chunk of kChunk elements of every tensor (tensor by tensor, in one
+// parallel pass); first[i] is tensor i's first chunk, first[T] the number of chunks.
+std::vector<velo::ChunkMoments> bucket_moments(at::TensorList params, at::TensorList grads,
+                                               at::TensorList momentum, at::TensorList rms,
+                                               std::vector<int64_t>& first) {
+  struct Chunk {
+    int64_t tensor, e0, e1;
+  };
+  const int64_t T = static_cast<int64_t>(params.size());
+  std::vector<at::Tensor> p(T), g(T);
+  first.assign(T + 1, 0);
+  std::vector<Chunk> chunks;
+  for (int64_t i = 0; i < T; ++i) {
+    p[i] = params[i].contiguous();
+    g[i] = grads[i].contiguous();
+    first[i] = static_cast<int64_t>(chunks.size());
+    const int64_t n = params[i].numel();
+    for (int64_t e0 = 0; e0 < n; e0 += cpu::kChunk)
+      chunks.push_back({i, e0, std::min(n, e0 + cpu::kChunk)});
+  }
+  first[T] = static_cast<int64_t>(chunks.size());
+  std::vector<velo::ChunkMoments> moments(chunks.size());
+  if (T == 0) return moments;
+  const cpu::CpuIsa isa = cpu::select_isa();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(),
+                                  "velo_chunk_moments_cpu", [&] {
+    cpu::parallel_items(
+        static_cast<int64_t>(chunks.size()),
+        [&](int64_t c) { return chunks[c].e1 - chunks[c].e0; },
+        [&](int64_t c) {
+          const Chunk& ch = chunks[c];
+          chunk_moments_for<scalar_t>(isa, p[ch.tensor].data_ptr<scalar_t>(),
+                                      g[ch.tensor].data_ptr<scalar_t>(),
+                                      momentum[ch.tensor].data_ptr<float>(),
+                                      params[ch.tensor].numel(), rms[ch.tensor].data_ptr<float>(),
+                                      ch.e0, ch.e1, moments[c]);
+        });
+  });
+  return moments;
+}
+
 // The LSTM inputs every tensor shares: the time features, then the loss features.
 constexpr int kSharedInputs = velo::kFirstLossFeature + velo::kLossFeatures;
 void shared_inputs(const at::Tensor& loss_features, const at::Tensor& iteration, double num_steps,
@@ -169,40 +210,8 @@ std::tuple<at::Tensor, at::Tensor> velo_lstm_input_cpu(at::TensorList params,
   float shared_row[kSharedInputs];
   shared_inputs(loss_features, iteration, num_steps, shared_row);
 
-  struct Chunk {
-    int64_t tensor, e0, e1;
-  };
-  std::vector<at::Tensor> p(T), g(T);
-  std::vector<int64_t> first(T + 1, 0);
-  std::vector<Chunk> chunks;
-  for (int64_t i = 0; i < T; ++i) {
-    p[i] = params[i].contiguous();
-    g[i] = grads[i].contiguous();
-    first[i] = static_cast<int64_t>(chunks.size());
-    const int64_t n = params[i].numel();
-    for (int64_t e0 = 0; e0 < n; e0 += cpu::kChunk)
-      chunks.push_back({i, e0, std::min(n, e0 + cpu::kChunk)});
-  }
-  first[T] = static_cast<int64_t>(chunks.size());
-  std::vector<velo::ChunkMoments> moments(chunks.size());
-  const cpu::CpuIsa isa = cpu::select_isa();
-  if (T > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(),
-                                    "velo_lstm_input_cpu", [&] {
-      cpu::parallel_items(
-          static_cast<int64_t>(chunks.size()),
-          [&](int64_t c) { return chunks[c].e1 - chunks[c].e0; },
-          [&](int64_t c) {
-            const Chunk& ch = chunks[c];
-            const int64_t n = params[ch.tensor].numel();
-            chunk_moments_for<scalar_t>(isa, p[ch.tensor].data_ptr<scalar_t>(),
-                                        g[ch.tensor].data_ptr<scalar_t>(),
-                                        momentum[ch.tensor].data_ptr<float>(), n,
-                                        rms[ch.tensor].data_ptr<float>(), ch.e0, ch.e1,
-                                        moments[c]);
-          });
-    });
-  }
+  std::vector<int64_t> first;
+  const std::vector<velo::ChunkMoments> moments = bucket_moments(params, grads, momentum, rms, first);
   bool all_finite = true;
   for (const auto& mo : moments) all_finite = all_finite && mo.finite;
   *finite.data_ptr<bool>() = all_finite;
@@ -235,37 +244,8 @@ at::Tensor velo_lstm_moments_cpu(at::TensorList params, at::TensorList grads,
     return at::zeros({0, kWidth}, options.dtype(at::kDouble));
   }
   at::Tensor out = at::zeros({T, kWidth}, params[0].options().dtype(at::kDouble));
-  struct Chunk {
-    int64_t tensor, e0, e1;
-  };
-  std::vector<at::Tensor> p(T), g(T);
-  std::vector<int64_t> first(T + 1, 0);
-  std::vector<Chunk> chunks;
-  for (int64_t i = 0; i < T; ++i) {
-    p[i] = params[i].contiguous();
-    g[i] = grads[i].contiguous();
-    first[i] = static_cast<int64_t>(chunks.size());
-    const int64_t n = params[i].numel();
-    for (int64_t e0 = 0; e0 < n; e0 += cpu::kChunk)
-      chunks.push_back({i, e0, std::min(n, e0 + cpu::kChunk)});
-  }
-  first[T] = static_cast<int64_t>(chunks.size());
-  std::vector<velo::ChunkMoments> moments(chunks.size());
-  const cpu::CpuIsa isa = cpu::select_isa();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(),
-                                  "velo_lstm_moments_cpu", [&] {
-    cpu::parallel_items(
-        static_cast<int64_t>(chunks.size()),
-        [&](int64_t c) { return chunks[c].e1 - chunks[c].e0; },
-        [&](int64_t c) {
-          const Chunk& ch = chunks[c];
-          chunk_moments_for<scalar_t>(isa, p[ch.tensor].data_ptr<scalar_t>(),
-                                      g[ch.tensor].data_ptr<scalar_t>(),
-                                      momentum[ch.tensor].data_ptr<float>(),
-                                      params[ch.tensor].numel(), rms[ch.tensor].data_ptr<float>(),
-                                      ch.e0, ch.e1, moments[c]);
-        });
-  });
+  std::vector<int64_t> first;
+  const std::vector<velo::ChunkMoments> moments = bucket_moments(params, grads, momentum, rms, first);
   double* dst = out.data_ptr<double>();
   for (int64_t i = 0; i < T; ++i) {
     velo::TensorMoments mo;

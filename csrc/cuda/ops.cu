@@ -254,6 +254,31 @@ void velo_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                            });
 }
 
+// The statistics kernels' view of a bucket: each tensor's (contiguous) pointers, numel, axes
+// longer than 1 and first chunk; `keep` holds the contiguous copies, `chunks` counts the chunks.
+std::vector<StatsTensor> stats_tensors(at::TensorList params, at::TensorList grads,
+                                       at::TensorList momentum, at::TensorList rms,
+                                       std::vector<at::Tensor>& keep, int64_t& chunks) {
+  std::vector<StatsTensor> tensors;
+  chunks = 0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    keep.push_back(params[i].contiguous());
+    keep.push_back(grads[i].contiguous());
+    StatsTensor t{};
+    t.p = keep[keep.size() - 2].data_ptr();
+    t.g = keep.back().data_ptr();
+    t.m = momentum[i].data_ptr<float>();
+    t.v = rms[i].data_ptr<float>();
+    t.numel = params[i].numel();
+    t.first_chunk = chunks;
+    t.index = static_cast<int64_t>(i);
+    for (const int64_t s : params[i].sizes()) t.dims += s > 1 ? 1 : 0;
+    chunks += (t.numel + kChunk - 1) / kChunk;
+    tensors.push_back(t);
+  }
+  return tensors;
+}
+
 std::tuple<at::Tensor, at::Tensor> velo_lstm_input_cuda(at::TensorList params,
                                                         at::TensorList grads,
                                                         at::TensorList momentum,
@@ -272,23 +297,8 @@ std::tuple<at::Tensor, at::Tensor> velo_lstm_input_cuda(at::TensorList params,
   }
   const cudaStream_t stream = current_stream(loss_features.device());
   std::vector<at::Tensor> keep;
-  std::vector<StatsTensor> tensors;
   int64_t chunks = 0;
-  for (int64_t i = 0; i < T; ++i) {
-    keep.push_back(params[i].contiguous());
-    keep.push_back(grads[i].contiguous());
-    StatsTensor t{};
-    t.p = keep[keep.size() - 2].data_ptr();
-    t.g = keep.back().data_ptr();
-    t.m = momentum[i].data_ptr<float>();
-    t.v = rms[i].data_ptr<float>();
-    t.numel = params[i].numel();
-    t.first_chunk = chunks;
-    t.index = i;
-    for (const int64_t s : params[i].sizes()) t.dims += s > 1 ? 1 : 0;
-    chunks += (t.numel + kChunk - 1) / kChunk;
-    tensors.push_back(t);
-  }
+  const std::vector<StatsTensor> tensors = stats_tensors(params, grads, momentum, rms, keep, chunks);
   at::Tensor moments = uninitialized(
       {std::max<int64_t>(chunks, 1) * static_cast<int64_t>(sizeof(velo::ChunkMoments))},
       loss_features.options().dtype(at::kByte));
@@ -378,16 +388,10 @@ std::vector<at::Tensor> factored_gsq_sums_cuda(at::TensorList grads, c10::IntArr
 at::Tensor factored_update_cuda(at::TensorList params, at::TensorList fac_row, at::TensorList fac_col,
                                 at::TensorList gsq_sums, const at::Tensor& decays,
                                 const c10::optional<at::Tensor>& skip, c10::IntArrayRef global_geometry) {
-  constexpr const char* op = "factored_update_";
-  const auto infos = check_shards(op, "params", params, global_geometry);
-  check_factored_state(op, infos, params, fac_row, fac_col);
-  const int64_t n = static_cast<int64_t>(params.size());
-  if (n == 0) return at::zeros({0}, decays.options().dtype(at::kDouble));
+  const auto infos = check_factored_update_inputs(params, fac_row, fac_col, gsq_sums, decays, skip,
+                                                  global_geometry);
+  if (params.empty()) return at::zeros({0}, decays.options().dtype(at::kDouble));
   const auto device = params[0].device();
-  check_decays(op, decays, n, device);
-  if (skip.has_value()) check_skip(op, *skip, device);
-  TORCH_CHECK(gsq_sums.size() == 2 * fac_row.size(), op, ": gsq_sums needs 2 entries per tensor "
-              "with ndim >= 2 (", 2 * fac_row.size(), "), got ", gsq_sums.size());
   const c10::DeviceGuard guard(device);
   const cudaStream_t stream = current_stream(device);
   const float* decay_values = decays.data_ptr<float>();
@@ -402,14 +406,6 @@ at::Tensor factored_update_cuda(at::TensorList params, at::TensorList fac_row, a
     const auto& info = infos[i];
     if (!info.factored) continue;
     const int64_t k = info.state_index;
-    for (int side = 0; side < 2; ++side) {
-      const auto& g = gsq_sums[2 * k + side];
-      const auto expected = drop_axis(params[i].sizes().vec(), side == 0 ? info.geo.d0 : info.geo.d1);
-      TORCH_CHECK(g.scalar_type() == at::kDouble && g.is_contiguous() && g.sizes().vec() == expected &&
-                      g.device() == device,
-                  op, ": gsq_sums[", 2 * k + side, "] must be a contiguous float64 tensor of the shape "
-                  "of params[", i, "] without axis ", side == 0 ? info.geo.d0 : info.geo.d1, " on ", device);
-    }
     TensorArgs t{};
     t.row = fac_row[k].data_ptr<float>();
     t.col = fac_col[k].data_ptr<float>();
@@ -629,22 +625,8 @@ at::Tensor velo_lstm_moments_cuda(at::TensorList params, at::TensorList grads, a
   const cudaStream_t stream = current_stream(params[0].device());
   at::Tensor out = at::zeros({T, 6}, params[0].options().dtype(at::kDouble));
   std::vector<at::Tensor> keep;
-  std::vector<StatsTensor> tensors;
   int64_t chunks = 0;
-  for (int64_t i = 0; i < T; ++i) {
-    keep.push_back(params[i].contiguous());
-    keep.push_back(grads[i].contiguous());
-    StatsTensor t{};
-    t.p = keep[keep.size() - 2].data_ptr();
-    t.g = keep.back().data_ptr();
-    t.m = momentum[i].data_ptr<float>();
-    t.v = rms[i].data_ptr<float>();
-    t.numel = params[i].numel();
-    t.first_chunk = chunks;
-    t.index = i;
-    chunks += (t.numel + kChunk - 1) / kChunk;
-    tensors.push_back(t);
-  }
+  const std::vector<StatsTensor> tensors = stats_tensors(params, grads, momentum, rms, keep, chunks);
   at::Tensor moments = uninitialized(
       {std::max<int64_t>(chunks, 1) * static_cast<int64_t>(sizeof(velo::ChunkMoments))},
       params[0].options().dtype(at::kByte));
