@@ -6,18 +6,39 @@ import torch  # noqa: F401  (the extension needs libtorch loaded first)
 
 from . import _C  # noqa: F401  (registers the lo_ops ops and their CPU/CUDA kernels)
 from . import meta_kernels  # noqa: F401  (registers the fake kernels)
-from .networks import SmallFCLOptNetwork, load_small_fc_lopt_network
-from .small_fc_lopt import SmallFCLOpt
-from .velo import VeLO
-from .velo_networks import VeLONetwork, convert_velo, load_velo_network
+from .hyperv2 import (
+    Celo,
+    CeloAdam,
+    CeloAdamNetwork,
+    CeloNetwork,
+    HyperV2Network,
+    VeLO,
+    VeLONetwork,
+    convert_hyperv2,
+    convert_velo,
+    load_celo_adam_network,
+    load_celo_network,
+    load_hyperv2_network,
+    load_velo_network,
+)
+from .small_fc_lopt import SmallFCLOpt, SmallFCLOptNetwork, load_small_fc_lopt_network
 
 __all__ = [
+    "Celo",
+    "CeloAdam",
+    "CeloAdamNetwork",
+    "CeloNetwork",
+    "HyperV2Network",
     "SmallFCLOpt",
     "SmallFCLOptNetwork",
     "VeLO",
     "VeLONetwork",
+    "convert_hyperv2",
     "convert_velo",
     "has_kernel",
+    "load_celo_adam_network",
+    "load_celo_network",
+    "load_hyperv2_network",
     "load_small_fc_lopt_network",
     "load_velo_network",
 ]

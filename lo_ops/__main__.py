@@ -7,17 +7,19 @@ import sys
 
 
 def convert(args) -> int:
-    """Converts VeLO meta-weights to lo_ops' own single-directory layout."""
-    from lo_ops.velo_networks import convert_velo
+    """Converts VeLO, Celo or Celo-Adam meta-weights to lo_ops' own single-directory layout."""
+    from lo_ops.hyperv2.network import _NAMES, convert_hyperv2, load_hyperv2_network
 
     source = args.source[0] if len(args.source) == 1 else tuple(args.source)
     try:
-        out = convert_velo(source, args.out, revision=args.revision)
+        out = convert_hyperv2(source, args.out, args.architecture, revision=args.revision)
+        architecture = load_hyperv2_network(out, args.architecture)[0].architecture
     except (OSError, ValueError, TypeError) as e:
         print(f"lo_ops convert: {e}", file=sys.stderr)
         return 2
-    print(f"wrote VeLO weights in lo_ops' layout to {out} (config.json, model.safetensors); "
-          f"load them with lo_ops.VeLO(params, num_steps, pretrained={str(out)!r})")
+    cls = {"velo": "VeLO", "celo": "Celo", "celo_adam": "CeloAdam"}[architecture]
+    print(f"wrote {_NAMES[architecture]} weights in lo_ops' layout to {out} (config.json, model.safetensors); "
+          f"load them with lo_ops.{cls}(params, num_steps, pretrained={str(out)!r})")
     return 0
 
 
@@ -31,14 +33,17 @@ def main(argv=None) -> int:
     p.set_defaults(func=demo.run)
     c = sub.add_parser(
         "convert",
-        help="convert VeLO weights (Google's msgpack file, PyLO's directories or Hub repos) "
-             "to lo_ops' own layout",
+        help="convert VeLO, Celo or Celo-Adam weights (Google's msgpack file, the Celo authors' "
+             "theta.state, PyLO's directories or Hub repos) to lo_ops' own layout",
     )
     c.add_argument(
         "source", nargs="+",
-        help="a flax-msgpack checkpoint file; a directory with VeLO_RNN/ and VeLO_MLP/; or two "
-             "PyLO directories or Hub repo ids (VeLO_RNN then VeLO_MLP)",
+        help="a flax-msgpack checkpoint file (VeLO's, or a Celo / Celo-Adam theta.state); a "
+             "directory with VeLO_RNN/ and VeLO_MLP/; or two PyLO directories or Hub repo ids "
+             "(VeLO_RNN then VeLO_MLP)",
     )
+    c.add_argument("--architecture", choices=["velo", "celo", "celo_adam"], default=None,
+                   help="check that the source holds this optimizer's weights (default: whichever it holds)")
     c.add_argument("--out", required=True, help="output directory")
     c.add_argument("--revision", default=None, help="Hub revision (for repo ids)")
     c.set_defaults(func=convert)

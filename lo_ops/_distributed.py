@@ -1,7 +1,7 @@
 """Sharded (DTensor) parameters: FSDP2 ``fully_shard``, HSDP, tensor parallelism and both.
 
 Everything a learned optimizer computes per tensor depends on whole-tensor sums (spec 1.1,
-1.2, 3.2). For a DTensor parameter the phases of the reference (``lo_ops.reference``) run on
+1.2, 3.2). For a DTensor parameter the phases of the reference (``lo_ops._reference``) run on
 the rank's local shard (``to_local()``, which never includes FSDP's padding) with the global
 shape, and their float64 partial sums are added up across exactly the mesh dimensions that
 shard the summed axes: one ``all_reduce`` per phase and process group for all tensors of the
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .reference import Geometry, PartialSum, Slot, slots_of
+from ._reference import Geometry, PartialSum, Slot, slots_of
 
 try:
     from torch.distributed.tensor import DTensor, Replicate, Shard

@@ -130,3 +130,46 @@ def unpack_velo_mlp(packed: torch.Tensor) -> list[torch.Tensor]:
         out.append(packed[..., offset : offset + numel].reshape(*lead, *s))
         offset += numel
     return out
+
+
+# -- the HyperV2 family: VeLO, Celo, Celo-Adam (spec sections 3 and 5) ------------------------------
+HYPERV2_SHARED_INPUTS = len(VELO_TIME_OFFSETS) + VELO_LOSS_FEATURES  # 18: time, then loss features
+CELO_LSTM_HIDDEN = 64
+CELO_ADAM_DECAYS = (0.9, 0.999)  # momentum, rms
+CELO_ADAM_EPSILON = 1e-8
+
+
+class HyperV2Config:
+    """What tells VeLO, Celo and Celo-Adam apart (spec 5.4); the rest of the engine is shared.
+
+    - ``lstm_inputs``: 30 per-tensor inputs (VeLO) or the 18 every tensor shares (Celo*), in
+      which case the LSTM runs on one row that stands for every tensor.
+    - ``lstm_hidden``: 512 or 64. ``param_inits``: MLP weight sets (256, 1, or 0: no MLP).
+    - ``mlp_scale``: a tensor's MLP weights are ``mlp_scale * mean_k(controls_k * W_k)``
+      (VeLO: 100); with one set they are that set as is.
+    - ``exp_lr_mult``: ``lr_mult = 0.1 * exp(h s + s0)`` (Celo*) rather than ``h s + s0``.
+    - ``update``: "mlp" (the per-element 30-4-4-3 MLP of spec 3.5) or "adam" (spec 5.3).
+    """
+
+    def __init__(self, architecture, lstm_inputs, lstm_hidden, param_inits, mlp_scale, exp_lr_mult, update):
+        self.architecture = architecture
+        self.lstm_inputs = lstm_inputs
+        self.lstm_hidden = lstm_hidden
+        self.param_inits = param_inits
+        self.mlp_scale = mlp_scale
+        self.exp_lr_mult = exp_lr_mult
+        self.update = update
+
+    @property
+    def shared_lstm_input(self) -> bool:
+        return self.lstm_inputs == HYPERV2_SHARED_INPUTS
+
+    def __repr__(self) -> str:
+        return f"HyperV2Config({self.architecture!r})"
+
+
+HYPERV2_CONFIGS = {
+    "velo": HyperV2Config("velo", VELO_LSTM_INPUTS, VELO_LSTM_HIDDEN, VELO_PARAM_INITS, 100.0, False, "mlp"),
+    "celo": HyperV2Config("celo", HYPERV2_SHARED_INPUTS, CELO_LSTM_HIDDEN, 1, 1.0, True, "mlp"),
+    "celo_adam": HyperV2Config("celo_adam", HYPERV2_SHARED_INPUTS, CELO_LSTM_HIDDEN, 0, 1.0, True, "adam"),
+}

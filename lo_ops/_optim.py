@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 
 from . import _distributed
 from ._layout import dropped_axis, state_shapes
-from .reference import Geometry, Slot
+from ._reference import Geometry, Slot
 
 logger = logging.getLogger(__name__)
 

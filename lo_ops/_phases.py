@@ -6,7 +6,7 @@ float64 sums over the shards' own elements; between them ``reduce``
 (``lo_ops._distributed.all_reduce_sums``) completes the sums of every tensor of the step at
 once, one collective per process group and round. They take the local tensors of one
 (device, dtype) at a time (a ``Bucket``); a round calls the op of every bucket, then reduces
-once. ``reference.py`` is the same step in pure PyTorch.
+once. ``small_fc_lopt/reference.py`` is the same step in pure PyTorch.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .reference import Geometry, PartialSum, Reduce, Slot
+from ._reference import Geometry, PartialSum, Reduce, Slot
 
 GEOMETRY_WIDTH = 5  # integers per tensor in the phase ops' global_geometry
 

@@ -1,10 +1,11 @@
 """Times one optimizer step on the parameter shapes of a real model.
 
-Compares lo_ops' fused SmallFCLOpt and VeLO steps with their pure-PyTorch references and with
-torch.optim.AdamW(fused=True), all measured in the same run on the same tensors, and writes
-a JSON result to perf/results/. Ratios, not absolute times, are the targets. VeLO runs with
-the test meta-weights of ../shared/fixtures (same shapes, hence same cost, as the published
-ones) unless --velo-weights names others.
+Compares lo_ops' fused SmallFCLOpt, VeLO, Celo and Celo-Adam steps with their pure-PyTorch
+references and with torch.optim.AdamW(fused=True), all measured in the same run on the same
+tensors, and writes a JSON result to perf/results/. Ratios, not absolute times, are the
+targets. VeLO runs with the test meta-weights of ../shared/fixtures (same shapes, hence same
+cost, as the published ones) unless --velo-weights names others; Celo and Celo-Adam with the
+published weights shipped in the package.
 
     python perf/bench_step.py [--set vit_tiny_16] [--device cpu] [--dtype float32]
                               [--only velo_fused,adamw_fused]
@@ -128,6 +129,12 @@ def main():
             return lambda: opt.step(loss=loss)
         return build
 
+    def celo(cls, fused):
+        def build(ps):
+            opt = cls(ps, num_steps=10_000, fused=fused)
+            return lambda: opt.step(loss=loss)
+        return build
+
     cuda = args.device.startswith("cuda")
     cases = {
         "adamw_fused": (plain(lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True, capturable=cuda)),
@@ -136,6 +143,10 @@ def main():
         "small_fc_lopt_reference": (plain(lambda ps: lo_ops.SmallFCLOpt(ps, fused=False)), args.reference_repeats),
         "velo_fused": (velo(True), args.repeats),
         "velo_reference": (velo(False), args.reference_repeats),
+        "celo_fused": (celo(lo_ops.Celo, True), args.repeats),
+        "celo_reference": (celo(lo_ops.Celo, False), args.reference_repeats),
+        "celo_adam_fused": (celo(lo_ops.CeloAdam, True), args.repeats),
+        "celo_adam_reference": (celo(lo_ops.CeloAdam, False), args.reference_repeats),
     }
     if cuda:  # the fused steps also compiled and captured in a CUDA graph
         for name in [n for n in cases if not n.endswith("reference")]:
@@ -157,7 +168,7 @@ def main():
                 return run
             return make
 
-        for name in ("small_fc_lopt_fused", "velo_fused"):
+        for name in ("small_fc_lopt_fused", "velo_fused", "celo_fused", "celo_adam_fused"):
             cases[name + "_emulated_cuda"] = (emulated(cases[name][0]), args.emulation_repeats)
     if args.skip_reference:
         cases = {k: v for k, v in cases.items() if not k.endswith("reference")}
@@ -181,11 +192,15 @@ def main():
         "velo_reference_over_fused": ratio("velo_reference", "velo_fused"),
         "velo_fused_over_adamw": ratio("velo_fused", "adamw_fused"),
         "velo_fused_over_small_fc_lopt_fused": ratio("velo_fused", "small_fc_lopt_fused"),
+        "celo_reference_over_fused": ratio("celo_reference", "celo_fused"),
+        "celo_fused_over_adamw": ratio("celo_fused", "adamw_fused"),
+        "celo_adam_reference_over_fused": ratio("celo_adam_reference", "celo_adam_fused"),
+        "celo_adam_fused_over_adamw": ratio("celo_adam_fused", "adamw_fused"),
     }
     for mode in ("_compiled", "_graph"):
-        for opt in ("small_fc_lopt", "velo"):
+        for opt in ("small_fc_lopt", "velo", "celo", "celo_adam"):
             ratios[f"{opt}_fused{mode}_over_adamw{mode}"] = ratio(f"{opt}_fused{mode}", f"adamw_fused{mode}")
-    for opt in ("small_fc_lopt", "velo"):
+    for opt in ("small_fc_lopt", "velo", "celo", "celo_adam"):
         ratios[f"{opt}_fused_emulated_cuda_over_fused"] = ratio(f"{opt}_fused_emulated_cuda", f"{opt}_fused")
     ratios = {k: v for k, v in ratios.items() if v is not None}
     for k, v in ratios.items():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lo_ops  # noqa: F401
-from lo_ops import velo_reference as ref
+from lo_ops.hyperv2 import reference as ref
 
 from conftest import EMULATED_CUDA_PATHS, VECTORS, _need, enter_path
 from helpers import SHAPES, make_params

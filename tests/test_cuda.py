@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lo_ops
-from lo_ops import velo_reference as ref
+from lo_ops.hyperv2 import reference as ref
 from lo_ops._layout import VELO_MLP_NUMEL
 
 from conftest import VELO_FIXTURES

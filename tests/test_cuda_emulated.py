@@ -15,8 +15,9 @@ import pytest
 import torch
 
 import lo_ops
-from lo_ops import reference, testing
-from lo_ops import velo_reference as vref
+from lo_ops import testing
+from lo_ops.small_fc_lopt import reference
+from lo_ops.hyperv2 import reference as vref
 
 from conftest import VELO_FIXTURES
 from helpers import SHAPES, CountingBackend, make_params, set_grads

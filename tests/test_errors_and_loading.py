@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 import lo_ops
-from lo_ops.networks import PYLO_DECAY_OFFSETS, SmallFCLOptNetwork, load_small_fc_lopt_network
+from lo_ops.small_fc_lopt.network import PYLO_DECAY_OFFSETS, SmallFCLOptNetwork, load_small_fc_lopt_network
 
 from helpers import make_opt, make_params
 from test_opcheck import _op_args
@@ -176,7 +176,7 @@ def test_default_weights_carry_their_provenance():
     wall time, outer steps, commit and evaluation table it was made with."""
     import json
 
-    from lo_ops.networks import DEFAULT_WEIGHTS_DIR, normalised_adam_network
+    from lo_ops.small_fc_lopt.network import DEFAULT_WEIGHTS_DIR, normalised_adam_network
 
     shipped, layout = load_small_fc_lopt_network()
     assert layout == "lo_ops"
@@ -195,7 +195,7 @@ def test_default_weights_carry_their_provenance():
 
 
 def test_normalised_adam_construction_is_normalised_momentum_step():
-    from lo_ops.networks import normalised_adam_network
+    from lo_ops.small_fc_lopt.network import normalised_adam_network
 
     # With the hand-built construction (meta-training's start), one step is -lr * step_mult * x6 / rms(x6), x6 = m / sqrt(v + 1e-6).
     w = torch.nn.Parameter(torch.randn(6, 4))

@@ -103,7 +103,7 @@ def test_results_do_not_depend_on_thread_count():
 def test_dense_network_with_wide_exp_arguments():
     # Every weight non-zero and exp_mult = 4: exp(magnitude * exp_mult) spans many orders of
     # magnitude. One step, compared as the spec compares steps (relative error of the step).
-    from lo_ops.networks import SmallFCLOptNetwork
+    from lo_ops.small_fc_lopt.network import SmallFCLOptNetwork
 
     gen = torch.Generator().manual_seed(5)
     net = SmallFCLOptNetwork(exp_mult=4.0, step_mult=0.001)
@@ -124,7 +124,7 @@ def test_dense_network_with_wide_exp_arguments():
 def _exp_probe_network(arg):
     """A network whose outputs are its output bias (-1, arg): every element's step is
     -exp(arg * exp_mult) * step_mult = -exp(arg), so p moves to p + exp(arg)."""
-    from lo_ops.networks import SmallFCLOptNetwork
+    from lo_ops.small_fc_lopt.network import SmallFCLOptNetwork
 
     net = SmallFCLOptNetwork(exp_mult=1.0, step_mult=1.0)
     with torch.no_grad():

@@ -4,7 +4,7 @@ import torch
 
 import lo_ops
 from lo_ops.meta import BatchedSmallFCLOpt, pack_meta
-from lo_ops.networks import normalised_adam_network
+from lo_ops.small_fc_lopt.network import normalised_adam_network
 
 
 def _random_network(seed):
@@ -164,10 +164,32 @@ def test_evaluate_command_writes_a_report(tmp_path, monkeypatch):
     report = json.loads(out.read_text())
     for name in ("reg", "cls"):
         fam = report["families"][name]
-        assert set(fam) >= {"learned", "adamw_tuned", "adamw_0.001", "verdict"}
+        assert set(fam) >= {"learned", "celo", "celo_adam", "adamw_tuned", "adamw_0.001", "verdict"}
         assert fam["adamw_tuned"]["lr"] in ev.ADAMW_GRID
-        assert all(v["mean"] == v["mean"] for v in fam["learned"].values())  # no NaN
-    assert "test_accuracy" in report["families"]["cls"]["learned"]
+        for method in ("learned", "celo", "celo_adam"):
+            assert all(v["mean"] == v["mean"] for v in fam[method].values())  # no NaN
+    assert "test_accuracy" in report["families"]["cls"]["celo"]
+
+
+def test_published_optimizers_train_each_copy_on_its_own_loss():
+    """Celo on batched copies: one optimizer per copy, equal to training that copy alone."""
+    import lo_ops
+    from lo_ops.meta import evaluate as ev
+
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(3, 4, 5, generator=gen), torch.randn(3, 5, generator=gen)]
+    alone = [p[1].clone() for p in params]
+    step = ev._hyperv2(lo_ops.Celo)(params, 10)
+    opt = lo_ops.Celo(alone, num_steps=10)
+    for k in range(4):
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+        loss = torch.tensor([1.0, 2.0 - 0.1 * k, 3.0])
+        step(grads, loss)
+        for p, g in zip(alone, grads):
+            p.grad = g[1]
+        opt.step(loss=loss[1])
+    for p, q in zip(params, alone):
+        assert torch.equal(p[1], q)
 
 
 def test_bundled_dataset_families():

@@ -5,7 +5,7 @@ import torch
 
 import lo_ops  # noqa: F401
 from lo_ops._layout import effective_decays
-from lo_ops.networks import normalised_adam_network
+from lo_ops.small_fc_lopt.network import normalised_adam_network
 
 from helpers import SHAPES, make_params, make_state
 
@@ -46,7 +46,7 @@ def test_opcheck(case):
 
 
 def test_op_matches_reference_directly():
-    from lo_ops import reference
+    from lo_ops.small_fc_lopt import reference
 
     a = _op_args(SHAPES, torch.float32)
     b = _op_args(SHAPES, torch.float32)
@@ -59,7 +59,7 @@ def test_op_matches_reference_directly():
 
 def test_per_tensor_meta_weights_and_decays():
     """[T, P] weights and [T, 7] decays: each tensor steps as with its own row alone."""
-    from lo_ops import reference
+    from lo_ops.small_fc_lopt import reference
 
     shapes = [(7, 5), (5,), (3, 4, 6), ()]
     gen = torch.Generator().manual_seed(7)

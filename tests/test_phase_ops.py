@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import lo_ops  # noqa: F401
-from lo_ops import _phases, reference
+from lo_ops import _phases
+from lo_ops import _reference as reference
 from lo_ops._layout import VELO_DECAYS, VELO_GRAD_CLIP, VELO_MLP_NUMEL, effective_decays, factored_axes
-from lo_ops.networks import normalised_adam_network
+from lo_ops.small_fc_lopt.network import normalised_adam_network
 
 from helpers import SHAPES, make_params, make_state
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import lo_ops
 from lo_ops.__main__ import main
-from lo_ops.velo_networks import VeLONetwork, load_velo_network, read_flax_msgpack
+from lo_ops.hyperv2.network import VeLONetwork, load_velo_network, read_flax_msgpack
 
 from conftest import VELO_FIXTURES
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import lo_ops
-from lo_ops import velo_reference as ref
+from lo_ops.hyperv2 import reference as ref
 from lo_ops._layout import VELO_RMIN_INIT, state_shapes, unpack_velo_mlp
-from lo_ops.velo_networks import load_velo_network
+from lo_ops.hyperv2.network import load_velo_network
 
 from conftest import EMULATED_CUDA_PATHS, VELO_FIXTURES, enter_path
 

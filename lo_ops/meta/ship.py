@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..networks import DEFAULT_WEIGHTS_DIR, load_small_fc_lopt_network
+from ..small_fc_lopt.network import DEFAULT_WEIGHTS_DIR, load_small_fc_lopt_network
 from .evaluate import evaluate_weights, write_plot
 
 CARD = """---
@@ -39,7 +39,7 @@ decay) is made for runs of about that length; other lengths are outside what it 
   {outer_steps}); wall time to that step: {wall_time_s:.0f} s on {machine}
 - lo_ops commit: `{lo_ops_commit}`; torch {torch}
 - `step_mult = {step_mult}`, `exp_mult = {exp_mult}` (the magnitude output is a log step size)
-- start: `{init}` (`lo_ops.networks.normalised_adam_network(exp_mult=1.0, schedule_units=True)`)
+- start: `{init}` (`lo_ops.small_fc_lopt.network.normalised_adam_network(exp_mult=1.0, schedule_units=True)`)
 
 ## Evaluation (`python -m lo_ops evaluate`, {steps} steps, {seeds} seeds)
 

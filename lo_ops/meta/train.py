@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..networks import (
+from ..small_fc_lopt.network import (
     SmallFCLOptNetwork,
     load_small_fc_lopt_network,
     normalised_adam_network,

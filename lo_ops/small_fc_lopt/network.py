@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from safetensors.torch import load_file
 from torch import nn
 
-from ._layout import (
+from .._layout import (
     HIDDEN_SIZE,
     INPUT_SIZE,
     NUM_FEATURES,
@@ -33,10 +32,11 @@ from ._layout import (
     TIME_SCALES,
     pack_weights,
 )
+from .._loading import REPO_ID, load_strict, resolve_directory
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "small_fc_lopt_default"
+DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights" / "small_fc_lopt_default"
 
 # PyLO's defaults for its published μLO (small_fc_lopt) weights, which its layout omits.
 PYLO_DECAY_OFFSETS = {
@@ -55,7 +55,6 @@ _PYLO_KEY_MAP = {
     "network.output.weight": "layers.2.weight",
     "network.output.bias": "layers.2.bias",
 }
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def check_decay_offsets(offsets: Mapping[str, Sequence[float]], what: str = "decay_offsets") -> dict:
@@ -135,7 +134,7 @@ class SmallFCLOptNetwork(
     def _from_pretrained(cls, *, model_id, revision=None, cache_dir=None, force_download=False,
                          local_files_only=False, token=None, map_location="cpu", strict=True,
                          **model_kwargs):
-        directory = _resolve_directory(
+        directory = resolve_directory(
             str(model_id), revision=revision, cache_dir=cache_dir, token=token,
             force_download=force_download, local_files_only=local_files_only,
         )
@@ -145,35 +144,6 @@ class SmallFCLOptNetwork(
                 f"{model_id} is in PyLO's layout; load it with lo_ops.load_small_fc_lopt_network"
             )
         return net.to(map_location)
-
-
-def load_strict(module: nn.Module, tensors: Mapping[str, torch.Tensor], what: str) -> None:
-    """Loads ``tensors`` into ``module`` after checking keys, shapes and values exactly.
-
-    A missing, extra or wrongly shaped key, or a non-finite value, raises a ValueError that
-    starts with ``what`` and lists every problem.
-    """
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    wrong = sorted(
-        f"{k}: {tuple(tensors[k].shape)} (expected {expected[k]})"
-        for k in set(expected) & set(tensors)
-        if tuple(tensors[k].shape) != expected[k]
-    )
-    if missing or extra or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing}")
-        if extra:
-            parts.append(f"unexpected keys {extra}")
-        if wrong:
-            parts.append(f"wrong shapes {wrong}")
-        raise ValueError(f"{what}: " + "; ".join(parts))
-    for k, v in tensors.items():
-        if not v.is_floating_point() or not torch.isfinite(v).all():
-            raise ValueError(f"{what}: {k} must be finite floats")
-    module.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
 
 
 def normalised_adam_network(*, exp_mult: float = 0.001, schedule_units: bool = False) -> SmallFCLOptNetwork:
@@ -208,45 +178,6 @@ def normalised_adam_network(*, exp_mult: float = 0.001, schedule_units: bool = F
                 net.layers[0].bias[unit] = 1.0
                 net.layers[1].weight[unit, unit] = 1.0
     return net
-
-
-def _resolve_directory(source: str, *, revision=None, cache_dir=None, token=None,
-                       force_download=False, local_files_only=False) -> Path:
-    """A local checkpoint directory, or the cache directory of a Hub repo's config + weights."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ValueError(f"pretrained={source!r} is a file; expected a checkpoint directory or a Hub repo id")
-    if not _REPO_ID.match(source):
-        raise FileNotFoundError(
-            f"pretrained={source!r} is neither an existing directory nor a Hugging Face repo id (owner/name)"
-        )
-    from huggingface_hub import hf_hub_download
-
-    files = {}
-    for name in ("config.json", "model.safetensors"):
-        try:
-            files[name] = hf_hub_download(
-                repo_id=source, filename=name, revision=revision, cache_dir=cache_dir,
-                token=token, force_download=force_download, local_files_only=local_files_only,
-            )
-        except Exception as e:  # huggingface_hub raises several types; all mean "not available"
-            from huggingface_hub import constants
-
-            offline = bool(constants.HF_HUB_OFFLINE)
-            hint = (
-                " HF_HUB_OFFLINE is set and the file is not in the local cache"
-                if offline or local_files_only
-                else " Check the repo id and your network; once downloaded, it also loads offline from the cache"
-            )
-            raise OSError(
-                f"could not get {name} of the Hugging Face repo {source!r} ({type(e).__name__}: {e}).{hint}"
-            ) from e
-    directory = Path(files["config.json"]).parent
-    if Path(files["model.safetensors"]).parent != directory:
-        raise OSError(f"Hub files of {source!r} resolved to different directories")
-    return directory
 
 
 def _load_directory(directory: Path, source: str) -> tuple[SmallFCLOptNetwork, str]:
@@ -318,7 +249,7 @@ def load_small_fc_lopt_network(
             f"PyLO's MetaMLP layout (keys {sorted(_PYLO_KEY_MAP)}); got keys {sorted(tensors)}"
         )
     if isinstance(pretrained, (str, os.PathLike)):
-        directory = _resolve_directory(os.fspath(pretrained), revision=revision, cache_dir=cache_dir, token=token)
+        directory = resolve_directory(os.fspath(pretrained), revision=revision, cache_dir=cache_dir, token=token)
         net, layout = _load_directory(directory, os.fspath(pretrained))
         logger.info("loaded small_fc_lopt weights (%s layout) from %s", layout, directory)
         return net, layout

@@ -1,4 +1,6 @@
-"""``lo_ops.VeLO``: Google's VeLO learned optimizer as a torch.optim.Optimizer."""
+"""The HyperV2 engine as torch.optim.Optimizers: ``HyperV2Optimizer`` (what VeLO, Celo and
+Celo-Adam share: loss buffer, step count, the LSTM network, skipping non-finite steps, param
+groups, state dicts, data-parallel options) and ``lo_ops.VeLO``."""
 
 from __future__ import annotations
 
@@ -11,30 +13,295 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _distributed, _phases, reference
-from . import velo_reference as ref
-from ._layout import (
+from .. import _distributed, _phases
+from .. import _reference as reference
+from .._layout import (
     VELO_DECAYS,
     VELO_GRAD_CLIP,
     VELO_LOSS_BUFFER,
     VELO_LSTM_HIDDEN,
     VELO_LSTM_INPUTS,
     VELO_RMIN_INIT,
+    HyperV2Config,
     state_shapes,
 )
-from ._optim import LearnedOptimizer, accumulator_state, check_lr, check_weight_decay, group_lr, split_buckets
-from .velo_networks import VeLONetwork, load_velo_network
+from .._optim import LearnedOptimizer, accumulator_state, check_lr, check_weight_decay, group_lr, split_buckets
+from . import reference as ref
+from .network import _NAMES, HyperV2Network, load_hyperv2_network
 
 logger = logging.getLogger(__name__)
 
-_GLOBAL_STATE = {
+_LOSS_STATE = {
     "iteration": (),
     "loss_means": (VELO_LOSS_BUFFER,),
     "loss_running_min": (VELO_LOSS_BUFFER,),
 }
 
 
-class VeLO(LearnedOptimizer):
+class HyperV2Optimizer(LearnedOptimizer):
+    """What VeLO, Celo and Celo-Adam share (spec 3.1, 5.1, 5.4); ``architecture`` picks the
+    configuration (``lo_ops._layout.HYPERV2_CONFIGS``) and the meta-weights it loads.
+
+    A subclass sets ``architecture`` and implements ``_collect`` (the step's argument lists,
+    from every param group) and ``_update`` (everything after the loss buffer; returns the
+    finite flag). The global state (step count, loss buffer; for Celo* the one LSTM state) is
+    ``global_state``; every parameter's state holds the very same tensors, so it travels
+    wherever per-parameter state does (ZeroRedundancyOptimizer, distributed checkpoints).
+    """
+
+    architecture = "velo"
+
+    def __init__(
+        self,
+        params,
+        num_steps: int,
+        lr: float | Tensor = 1.0,
+        weight_decay: float = 0.0,
+        *,
+        pretrained=None,
+        step_mult: float | None = None,
+        exp_mult: float | None = None,
+        capturable: bool = False,
+        fused: bool | None = None,
+        revision: str | None = None,
+        all_reduce_loss=False,
+        partitioned=False,
+    ):
+        name = type(self).__name__
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"{name}: num_steps (the training horizon) must be an int >= 1, got {num_steps!r}")
+        check_lr(lr, "lr")
+        check_weight_decay(weight_decay, "weight_decay")
+        network, layout = load_hyperv2_network(pretrained, self.architecture, revision=revision)
+        self.network = network
+        self.config: HyperV2Config = network.config
+        self.layout = layout
+        self.num_steps = num_steps
+        self.step_mult = float(network.step_mult if step_mult is None else step_mult)
+        self.exp_mult = float(network.exp_mult if exp_mult is None else exp_mult)
+        for key, value in (("step_mult", self.step_mult), ("exp_mult", self.exp_mult)):
+            if not math.isfinite(value):
+                raise ValueError(f"{name}: {key} must be finite, got {value}")
+        if not (isinstance(all_reduce_loss, bool) or _distributed.is_process_group(all_reduce_loss)):
+            raise ValueError(
+                f"all_reduce_loss must be True, False or a torch.distributed ProcessGroup, got {all_reduce_loss!r}"
+            )
+        self.all_reduce_loss = all_reduce_loss
+        if not (isinstance(partitioned, bool) or _distributed.is_process_group(partitioned)):
+            raise ValueError(
+                f"partitioned must be True, False or a torch.distributed ProcessGroup, got {partitioned!r}"
+            )
+        self._partition_group = None
+        self._device: torch.device | None = None
+        self._sharded = False
+        self.global_state: dict[str, Tensor] = {}
+        defaults = dict(lr=lr, weight_decay=weight_decay, capturable=capturable, fused=fused)
+        constants = dict(num_steps=num_steps, pretrained=pretrained, step_mult=step_mult, exp_mult=exp_mult,
+                         revision=revision, all_reduce_loss=all_reduce_loss, partitioned=partitioned)
+        super().__init__(params, defaults, fused, constants)
+        if partitioned is not False:
+            self._partition_group = torch.distributed.group.WORLD if partitioned is True else partitioned
+            if self._device is None:  # an empty partition still joins every step's collectives
+                self._bind_device(_distributed.group_device(self._partition_group))
+            self._partition_added()
+
+    # -- hooks of the families -------------------------------------------------------------------
+    def _global_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The global state's keys and shapes (all float32)."""
+        return dict(_LOSS_STATE)
+
+    def _init_global_state(self, device: torch.device) -> dict[str, Tensor]:
+        return {
+            "iteration": torch.zeros((), dtype=torch.float32, device=device),
+            "loss_means": torch.zeros(VELO_LOSS_BUFFER, dtype=torch.float32, device=device),
+            "loss_running_min": torch.full((VELO_LOSS_BUFFER,), VELO_RMIN_INIT, dtype=torch.float32, device=device),
+        }
+
+    def _parameter_state(self, p: Tensor) -> dict[str, Tensor]:
+        """A new parameter's own state (without the global state)."""
+        raise NotImplementedError
+
+    def _partition_added(self) -> None:
+        """Partitioned (ZeRO): called once the partition's parameters (or a group) are added."""
+
+    def _collect(self):
+        """The step's work from every param group; None when no parameter has a gradient."""
+        raise NotImplementedError
+
+    def _update(self, work, loss_t: Tensor, loss_features: Tensor) -> Tensor:
+        """Everything after the loss buffer: returns the step's finite flag (a bool tensor);
+        where it is false, nothing (parameters, per-parameter state) may change."""
+        raise NotImplementedError
+
+    def _all_finite(self, finite: Tensor) -> Tensor:
+        """Partitioned: ``finite`` on every rank of the partition (one all-reduce of one number)."""
+        if self._partition_group is None:
+            return finite
+        import torch.distributed._functional_collectives as funcol
+
+        bad = funcol.wait_tensor(funcol.all_reduce((~finite).float().reshape(1), "sum", self._partition_group))
+        return bad[0] == 0
+
+    # -- param groups and device ----------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        name = type(self).__name__
+        if isinstance(param_group, dict) and param_group.get("num_steps", self.num_steps) != self.num_steps:
+            raise ValueError(
+                f"{name}: num_steps is the training horizon of the whole optimizer (its loss buffer "
+                f"and step count are shared by all groups); pass it to {name}(...), not in a param group"
+            )
+        super().add_param_group(param_group)
+        for p in self.param_groups[-1]["params"]:
+            self._bind_device(_distributed.local(p).device)
+            # With DTensor parameters every step takes the phased path.
+            self._sharded = self._sharded or _distributed.is_dtensor(p)
+            if p.requires_grad and p.numel() > 0:
+                self._ensure_state(p)
+        if self._partition_group is not None:  # a group added later
+            self._partition_added()
+
+    def _bind_device(self, device: torch.device) -> None:
+        if self._device is None:
+            self._device = device
+            # Everything the step reads is created now, so a compiled step finds it unchanged.
+            self._net = copy.deepcopy(self.network).to(device).requires_grad_(False)
+            self._mlp_sets = self._net.packed_mlp_sets()
+            self._loss_decays = ref.loss_buffer_decays(self.num_steps).to(device)
+            self._velo_decays = torch.tensor(VELO_DECAYS, dtype=torch.float32, device=device)
+            self.global_state = self._init_global_state(device)
+        elif device != self._device:
+            raise ValueError(
+                f"{type(self).__name__} keeps all its parameters on one device (its LSTM reads "
+                f"all tensors); got parameters on {self._device} and on {device}"
+            )
+
+    # -- state ---------------------------------------------------------------------------------
+    def _ensure_state(self, p: Tensor) -> dict[str, Tensor]:
+        """The state of ``p``, created when it has none, holding the global state's tensors
+        too. State replaced from outside (ZeroRedundancyOptimizer.load_state_dict) is
+        adopted: its copy of the global state becomes the optimizer's."""
+        state = self.state[p]
+        if len(state) == 0:
+            state.update(self._parameter_state(p))
+            state.update(self.global_state)
+        elif state.get("iteration") is not self.global_state["iteration"]:
+            self._adopt_global_state(state)
+        return state
+
+    def _adopt_global_state(self, source: dict[str, Tensor]) -> None:
+        """``source``'s global state (if it has one) becomes ``global_state``, which every
+        parameter's state then shares again."""
+        keys = self._global_shapes()
+        if all(key in source for key in keys):
+            for key in keys:
+                self.global_state[key].copy_(source[key].to(dtype=torch.float32))
+        for state in self.state.values():
+            if state:
+                state.update(self.global_state)
+
+    def _loss_tensor(self, loss) -> Tensor:
+        name = type(self).__name__
+        if isinstance(loss, Tensor):
+            if loss.numel() != 1:
+                raise ValueError(
+                    f"{name}: the loss must be a scalar (one element), got a tensor of shape {tuple(loss.shape)}"
+                )
+            if loss.is_complex():
+                raise ValueError(f"{name}: the loss must be real, got {loss.dtype}")
+            return loss.detach().reshape(()).to(device=self._device, dtype=torch.float32)
+        if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+            return torch.tensor(float(loss), dtype=torch.float32, device=self._device)
+        raise TypeError(f"{name}: the loss must be a scalar tensor or a number, got {type(loss).__name__}")
+
+    @torch.no_grad()
+    def step(self, closure=None, *, loss=None):
+        """One step. The loss comes from ``closure`` (called with grad enabled) or ``loss``."""
+        closure_loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                closure_loss = closure()
+        if loss is None:
+            loss = closure_loss
+        if loss is None:
+            raise ValueError(
+                f"{type(self).__name__} needs the loss of every step (its LSTM reads the loss "
+                "history): call opt.step(closure) with a closure that returns the loss, or "
+                "opt.step(loss=loss)"
+            )
+        loss_t = self._loss_tensor(loss) if self._device is not None else None
+        if loss_t is not None and self.all_reduce_loss is not False:
+            loss_t = _distributed.mean_over(loss_t, self.all_reduce_loss)
+        work = self._collect()
+        if work is None:
+            return closure_loss
+        gs = self.global_state
+        means, running_min, loss_features = ref.loss_buffer_update(
+            gs["loss_means"], gs["loss_running_min"], gs["iteration"], loss_t, self._loss_decays
+        )
+        finite = self._update(work, loss_t, loss_features)
+        skip = ~finite
+        gs["loss_means"].copy_(torch.where(skip, gs["loss_means"], means))
+        gs["loss_running_min"].copy_(torch.where(skip, gs["loss_running_min"], running_min))
+        gs["iteration"].add_(finite.float())
+        return closure_loss
+
+    def _shared_lstm_inputs(self, loss_features: Tensor) -> Tensor:
+        """The 18 LSTM inputs every tensor shares: time features, then loss features."""
+        return ref.shared_lstm_inputs(self.global_state["iteration"], self.num_steps, loss_features)
+
+    # -- state_dict ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's layout: per-parameter state (accumulators, and the global state, which
+        every parameter shares), plus the architecture's entry ("velo", "celo", "celo_adam"):
+        the global state once more and the horizon."""
+        out = super().state_dict()
+        out[self.architecture] = {k: v.detach().clone() for k, v in self.global_state.items()}
+        out[self.architecture]["num_steps"] = self.num_steps
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Takes this optimizer's state dicts, with or without the architecture's entry
+        (distributed checkpoints keep only ``state`` and ``param_groups``; the global state is
+        in every parameter's state too)."""
+        name, key_ = type(self).__name__, self.architecture
+        shapes = self._global_shapes()
+        saved = state_dict.get(key_)
+        per_param = [s for s in state_dict["state"].values() if all(k in s for k in shapes)]
+        if saved is None and not per_param:
+            raise ValueError(
+                f"load_state_dict: this is not a {name} state dict (it has neither a {key_!r} entry "
+                "nor per-parameter state with the loss buffer and step count)"
+            )
+        source = saved if saved is not None else per_param[0]
+        where = f"state_dict[{key_!r}]" if saved is not None else "the per-parameter state"
+        for key, shape in shapes.items():
+            value = source.get(key)
+            if not isinstance(value, Tensor) or tuple(value.shape) != shape:
+                raise ValueError(
+                    f"load_state_dict: {where}[{key!r}] should be a tensor of shape "
+                    f"{shape}, got {getattr(value, 'shape', type(value))}"
+                )
+        if saved is not None and saved.get("num_steps") != self.num_steps:
+            logger.warning(
+                "%s.load_state_dict: the state was saved with num_steps=%s; continuing with "
+                "this optimizer's num_steps=%s", name, saved.get("num_steps"), self.num_steps,
+            )
+        # State saved before the global state was kept per parameter gets it from the entry.
+        state = {i: ({**{k: source[k] for k in shapes}, **s} if s else s)
+                 for i, s in state_dict["state"].items()}
+        super().load_state_dict({"state": state, "param_groups": state_dict["param_groups"]})
+        if self._device is not None:
+            self._adopt_global_state(source)
+
+    def _expected_state(self, p: Tensor) -> dict[str, tuple[int, ...]]:
+        return self._parameter_shapes(p) | self._global_shapes()
+
+    def _parameter_shapes(self, p: Tensor) -> dict[str, tuple[int, ...]]:
+        """The shapes of ``_parameter_state(p)``."""
+        raise NotImplementedError
+
+
+class VeLO(HyperV2Optimizer):
     """VeLO (``HyperV2``): a per-tensor LSTM sets the weights of a per-element 30-4-4-3 MLP.
 
     Each step (spec section 3): the loss buffer takes the step's loss; the 30 LSTM inputs of
@@ -83,135 +350,25 @@ class VeLO(LearnedOptimizer):
     _phase_ops = ("factored_gsq_sums", "factored_update_", "velo_lstm_moments", "velo_lstm_rows",
                   "velo_feature_sums_", "velo_apply_")
 
-    def __init__(
-        self,
-        params,
-        num_steps: int,
-        lr: float | Tensor = 1.0,
-        weight_decay: float = 0.0,
-        *,
-        pretrained: str | os.PathLike | tuple | VeLONetwork | None = None,
-        step_mult: float | None = None,
-        exp_mult: float | None = None,
-        capturable: bool = False,
-        fused: bool | None = None,
-        revision: str | None = None,
-        all_reduce_loss=False,
-        partitioned=False,
-    ):
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps (the training horizon) must be an int >= 1, got {num_steps!r}")
-        check_lr(lr, "lr")
-        check_weight_decay(weight_decay, "weight_decay")
-        network, layout = load_velo_network(pretrained, revision=revision)
-        self.network = network
-        self.layout = layout
-        self.num_steps = num_steps
-        self.step_mult = float(network.step_mult if step_mult is None else step_mult)
-        self.exp_mult = float(network.exp_mult if exp_mult is None else exp_mult)
-        for name, value in (("step_mult", self.step_mult), ("exp_mult", self.exp_mult)):
-            if not math.isfinite(value):
-                raise ValueError(f"{name} must be finite, got {value}")
-        if not (isinstance(all_reduce_loss, bool) or _distributed.is_process_group(all_reduce_loss)):
-            raise ValueError(
-                f"all_reduce_loss must be True, False or a torch.distributed ProcessGroup, got {all_reduce_loss!r}"
-            )
-        self.all_reduce_loss = all_reduce_loss
-        if not (isinstance(partitioned, bool) or _distributed.is_process_group(partitioned)):
-            raise ValueError(
-                f"partitioned must be True, False or a torch.distributed ProcessGroup, got {partitioned!r}"
-            )
-        self._partition_group = None
-        self._device: torch.device | None = None
-        self._sharded = False
-        self.velo_state: dict[str, Tensor] = {}
-        defaults = dict(lr=lr, weight_decay=weight_decay, capturable=capturable, fused=fused)
-        constants = dict(num_steps=num_steps, pretrained=pretrained, step_mult=step_mult, exp_mult=exp_mult,
-                         revision=revision, all_reduce_loss=all_reduce_loss, partitioned=partitioned)
-        super().__init__(params, defaults, fused, constants)
-        if partitioned is not False:
-            self._partition_group = torch.distributed.group.WORLD if partitioned is True else partitioned
-            if self._device is None:  # an empty partition still joins every step's all-gather
-                self._bind_device(_distributed.group_device(self._partition_group))
-            self._count_partition_rows()
 
-    # -- param groups and device ----------------------------------------------------------------
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if isinstance(param_group, dict) and param_group.get("num_steps", self.num_steps) != self.num_steps:
-            raise ValueError(
-                "VeLO: num_steps is the training horizon of the whole optimizer (its loss buffer "
-                "and step count are shared by all groups); pass it to VeLO(...), not in a param group"
-            )
-        super().add_param_group(param_group)
-        for p in self.param_groups[-1]["params"]:
-            self._bind_device(_distributed.local(p).device)
-            # With DTensor parameters every step takes the phased path (_step_phased).
-            self._sharded = self._sharded or _distributed.is_dtensor(p)
-            if p.requires_grad and p.numel() > 0:
-                self._ensure_state(p)
-        if self._partition_group is not None:  # a group added later
-            self._count_partition_rows()
+    @property
+    def velo_state(self) -> dict[str, Tensor]:
+        """The global state (step count, loss buffer); ``global_state`` by VeLO's name."""
+        return self.global_state
 
-    def _count_partition_rows(self) -> None:
+    def _parameter_state(self, p: Tensor) -> dict[str, Tensor]:
+        return accumulator_state(p) | {"lstm_hidden": self._net.init_hidden[0].clone(),
+                                       "lstm_cell": self._net.init_cell[0].clone()}
+
+    def _parameter_shapes(self, p: Tensor) -> dict[str, tuple[int, ...]]:
+        return state_shapes(p.shape) | {"lstm_hidden": (VELO_LSTM_HIDDEN,), "lstm_cell": (VELO_LSTM_HIDDEN,)}
+
+    def _partition_added(self) -> None:
         """The most tensors any rank's partition holds: the rows each rank adds to the gather."""
         rows = sum(1 for g in self.param_groups for p in g["params"] if p.numel() > 0)
         counts = [None] * torch.distributed.get_world_size(self._partition_group)
         torch.distributed.all_gather_object(counts, rows, group=self._partition_group)
         self._partition_rows = max(counts)
-
-    def _bind_device(self, device: torch.device) -> None:
-        if self._device is None:
-            self._device = device
-            # Everything the step reads is created now, so a compiled step finds it unchanged.
-            self._net = copy.deepcopy(self.network).to(device).requires_grad_(False)
-            self._mlp_sets = self._net.packed_mlp_sets()
-            self._loss_decays = ref.loss_buffer_decays(self.num_steps).to(device)
-            self._velo_decays = torch.tensor(VELO_DECAYS, dtype=torch.float32, device=device)
-            self.velo_state = {
-                "iteration": torch.zeros((), dtype=torch.float32, device=device),
-                "loss_means": torch.zeros(VELO_LOSS_BUFFER, dtype=torch.float32, device=device),
-                "loss_running_min": torch.full(
-                    (VELO_LOSS_BUFFER,), VELO_RMIN_INIT, dtype=torch.float32, device=device
-                ),
-            }
-        elif device != self._device:
-            raise ValueError(
-                f"VeLO keeps all its parameters on one device (its LSTM pools over all tensors); "
-                f"got parameters on {self._device} and on {device}"
-            )
-
-    # -- state ---------------------------------------------------------------------------------
-    def _expected_state(self, p: Tensor) -> dict[str, tuple[int, ...]]:
-        return state_shapes(p.shape) | {
-            "lstm_hidden": (VELO_LSTM_HIDDEN,),
-            "lstm_cell": (VELO_LSTM_HIDDEN,),
-        } | _GLOBAL_STATE
-
-    def _ensure_state(self, p: Tensor) -> dict[str, Tensor]:
-        """The state of ``p``, created when it has none. Every parameter's state also holds the
-        global state (step count, loss buffer) as the very tensors of ``velo_state``, so it
-        travels wherever per-parameter state does (ZeroRedundancyOptimizer, distributed
-        checkpoints). State replaced from outside (ZeroRedundancyOptimizer.load_state_dict) is
-        adopted: its copy of the global state becomes the optimizer's."""
-        state = self.state[p]
-        if len(state) == 0:
-            state.update(accumulator_state(p))
-            state["lstm_hidden"] = self._net.init_hidden[0].clone()
-            state["lstm_cell"] = self._net.init_cell[0].clone()
-            state.update(self.velo_state)
-        elif state.get("iteration") is not self.velo_state["iteration"]:
-            self._adopt_global_state(state)
-        return state
-
-    def _adopt_global_state(self, source: dict[str, Tensor]) -> None:
-        """``source``'s global state (if it has one) becomes ``velo_state``, which every
-        parameter's state then shares again."""
-        if all(key in source for key in _GLOBAL_STATE):
-            for key in _GLOBAL_STATE:
-                self.velo_state[key].copy_(source[key].to(dtype=torch.float32))
-        for state in self.state.values():
-            if state:
-                state.update(self.velo_state)
 
     def _init_group(self, group, params, grads, momentum, rms, fac_row, fac_col, fac_diag,
                     hidden, cell):
@@ -236,36 +393,8 @@ class VeLO(LearnedOptimizer):
             else:
                 fac_diag.append(state["fac_diag"])
 
-    def _loss_tensor(self, loss) -> Tensor:
-        if isinstance(loss, Tensor):
-            if loss.numel() != 1:
-                raise ValueError(
-                    f"VeLO: the loss must be a scalar (one element), got a tensor of shape {tuple(loss.shape)}"
-                )
-            if loss.is_complex():
-                raise ValueError(f"VeLO: the loss must be real, got {loss.dtype}")
-            return loss.detach().reshape(()).to(device=self._device, dtype=torch.float32)
-        if isinstance(loss, (int, float)) and not isinstance(loss, bool):
-            return torch.tensor(float(loss), dtype=torch.float32, device=self._device)
-        raise TypeError(f"VeLO: the loss must be a scalar tensor or a number, got {type(loss).__name__}")
 
-    @torch.no_grad()
-    def step(self, closure=None, *, loss=None):
-        """One VeLO step. The loss comes from ``closure`` (called with grad enabled) or ``loss``."""
-        closure_loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                closure_loss = closure()
-        if loss is None:
-            loss = closure_loss
-        if loss is None:
-            raise ValueError(
-                "VeLO needs the loss of every step (its LSTM reads the loss history): call "
-                "opt.step(closure) with a closure that returns the loss, or opt.step(loss=loss)"
-            )
-        loss_t = self._loss_tensor(loss) if self._device is not None else None
-        if loss_t is not None and self.all_reduce_loss is not False:
-            loss_t = _distributed.mean_over(loss_t, self.all_reduce_loss)
+    def _collect(self):
         phased = self._sharded
         buckets, hidden, cell, slots = [], [], [], []
         for group in self.param_groups:
@@ -276,12 +405,11 @@ class VeLO(LearnedOptimizer):
             else:
                 buckets.extend((group, b) for b in split_buckets(lists).values())
         if not hidden and self._partition_group is None:
-            return closure_loss
-        vs = self.velo_state
-        iteration = vs["iteration"]
-        means, running_min, loss_features = ref.loss_buffer_update(
-            vs["loss_means"], vs["loss_running_min"], iteration, loss_t, self._loss_decays
-        )
+            return None
+        return phased, buckets, slots, hidden, cell
+
+    def _update(self, work, loss_t, loss_features):
+        phased, buckets, slots, hidden, cell = work
         empty = self._net.init_hidden[:0]
         old_hidden = torch.stack(hidden) if hidden else empty
         old_cell = torch.stack(cell) if cell else empty
@@ -295,10 +423,7 @@ class VeLO(LearnedOptimizer):
         if hidden:  # (an empty ZeRO partition has none)
             torch._foreach_copy_(hidden, torch.where(skip, old_hidden, new_hidden).unbind(0))
             torch._foreach_copy_(cell, torch.where(skip, old_cell, new_cell).unbind(0))
-        vs["loss_means"].copy_(torch.where(skip, vs["loss_means"], means))
-        vs["loss_running_min"].copy_(torch.where(skip, vs["loss_running_min"], running_min))
-        iteration.add_(finite.float())
-        return closure_loss
+        return finite
 
     def _step_buckets(self, buckets, loss_t, loss_features, old_hidden, old_cell):
         """Plain parameters: the fused ops (or their reference) per (param group, dtype)."""
@@ -351,10 +476,6 @@ class VeLO(LearnedOptimizer):
         new_hidden, new_cell, controls, lr_mult = ref.per_tensor_network(x, hid, cel, self._net, valid=valid)
         own = slice(torch.distributed.get_rank(group) * n, torch.distributed.get_rank(group) * n + T)
         return new_hidden[own], new_cell[own], controls[own], lr_mult[own], finite
-
-    def _shared_lstm_inputs(self, loss_features: Tensor) -> Tensor:
-        """The 18 LSTM inputs every tensor shares: time features, then loss features."""
-        return torch.cat([ref.time_features(self.velo_state["iteration"], float(self.num_steps)), loss_features])
 
     def _step_phased(self, slots, loss_t, loss_features, old_hidden, old_cell):
         """With DTensor parameters: the phase ops on local shards where the device has them
@@ -461,45 +582,3 @@ class VeLO(LearnedOptimizer):
                              step_mult=self.step_mult, exp_mult=self.exp_mult)
         ref.keep_if(~finite, tensors, saved)
         return finite, new_hidden, new_cell
-
-    # -- state_dict ------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """torch.optim's layout: per-parameter state (accumulators, LSTM state, and the global
-        step count and loss buffer, which every parameter shares), plus ``"velo"``: the global
-        state once more and the horizon."""
-        out = super().state_dict()
-        out["velo"] = {k: v.detach().clone() for k, v in self.velo_state.items()}
-        out["velo"]["num_steps"] = self.num_steps
-        return out
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Takes VeLO's state dicts, with or without the ``"velo"`` entry (distributed
-        checkpoints keep only ``state`` and ``param_groups``; the global state is in every
-        parameter's state too)."""
-        saved = state_dict.get("velo")
-        per_param = [s for s in state_dict["state"].values() if all(k in s for k in _GLOBAL_STATE)]
-        if saved is None and not per_param:
-            raise ValueError(
-                "load_state_dict: this is not a VeLO state dict (it has neither a 'velo' entry "
-                "nor per-parameter state with the loss buffer and step count)"
-            )
-        source = saved if saved is not None else per_param[0]
-        where = "state_dict['velo']" if saved is not None else "the per-parameter state"
-        for key, shape in _GLOBAL_STATE.items():
-            value = source.get(key)
-            if not isinstance(value, Tensor) or tuple(value.shape) != shape:
-                raise ValueError(
-                    f"load_state_dict: {where}[{key!r}] should be a tensor of shape "
-                    f"{shape}, got {getattr(value, 'shape', type(value))}"
-                )
-        if saved is not None and saved.get("num_steps") != self.num_steps:
-            logger.warning(
-                "VeLO.load_state_dict: the state was saved with num_steps=%s; continuing with "
-                "this optimizer's num_steps=%s", saved.get("num_steps"), self.num_steps,
-            )
-        # State saved before the global state was kept per parameter gets it from "velo".
-        state = {i: ({**{k: source[k] for k in _GLOBAL_STATE}, **s} if s else s)
-                 for i, s in state_dict["state"].items()}
-        super().load_state_dict({"state": state, "param_groups": state_dict["param_groups"]})
-        if self._device is not None:
-            self._adopt_global_state(source)

@@ -1,8 +1,5 @@
-"""Pure-PyTorch reference of small_fc_lopt (spec section 2), written for reading.
-
-``small_fc_lopt_step_`` has the same signature and state layout as
-``torch.ops.lo_ops.small_fc_lopt_step_`` and is the oracle of the test suite. The optimizer
-uses it for devices that have no fused kernel.
+"""What the pure-PyTorch references of every family share (spec 1.1, 1.2): the accumulators,
+the per-tensor feature normalisation, the MLP, and a step written in phases.
 
 A step is written in phases separated by the sums it takes over a whole tensor (spec 1.1 and
 1.2): the row/column sums of ``g^2``, the per-row sums of ``r``, the feature sums of squares.
@@ -21,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._layout import TIME_SCALES, factored_axes, unpack_weights
+from ._layout import factored_axes
 
 # A partial sum and the process groups (names) across which it is still to be added up.
 PartialSum = tuple[Tensor, tuple[str, ...]]
@@ -156,17 +153,6 @@ def accumulator_inputs(g32: Tensor, m: Tensor, v: Tensor, r: Tensor | None, c: T
     return out
 
 
-def features(g32: Tensor, p32: Tensor, acc: dict[str, Tensor]) -> Tensor:
-    """The 28 un-normalised features of spec section 2, ``[n, 28]`` in channel order."""
-    m, v = acc["m"], acc["v"]
-    fac_mom = m * (acc["factor"] if "factor" in acc else torch.rsqrt(acc["u"] + 1e-6))
-    v_rsqrt = torch.rsqrt(v + 1e-6)
-    return torch.cat(
-        [g32[None], p32[None], m, v[None], m * v_rsqrt, v_rsqrt[None], acc["fac_g"],
-         acc["row"], acc["col"], acc["row_rsqrt"], acc["col_rsqrt"], fac_mom]
-    ).reshape(28, -1).T
-
-
 def feature_sums(feats: Tensor, geo: Geometry) -> PartialSum:
     """Sums of squares of each feature channel over the tensor (spec 1.2), float64."""
     return feats.double().square().sum(dim=0), geo.all_groups()
@@ -267,54 +253,3 @@ def feature_phase(slots: list[Slot], g32s: list[Tensor], decays: list[Tensor], r
         accs.append(acc)
         partial.append(feature_sums(feature_fn(i, g32s[i], acc), s.geo))
     return accs, partial
-
-
-@torch.no_grad()
-def small_fc_lopt_slots(slots: list[Slot], steps: list[Tensor], *, lr, weights: list, decays: list,
-                        weight_decay, step_mult, exp_mult, reduce: Reduce = local_sums) -> None:
-    """One small_fc_lopt step of every slot (``weights``/``decays`` per slot, ``steps`` the
-    float32 step counts, incremented; ``lr`` and ``weight_decay`` for all slots, or lists with
-    one per slot)."""
-    ts = [step.detach().clone().float() for step in steps]  # steps already taken
-    for step in steps:
-        step.add_(1)
-    n = len(slots)
-    lrs = lr if isinstance(lr, list) else [lr] * n
-    wds = weight_decay if isinstance(weight_decay, list) else [weight_decay] * n
-    keep = [i for i, s in enumerate(slots) if s.geo.numel > 0]
-    slots, ts = [slots[i] for i in keep], [ts[i] for i in keep]
-    weights, decays = [weights[i] for i in keep], [decays[i] for i in keep]
-    lrs, wds = [lrs[i] for i in keep], [wds[i] for i in keep]
-    g32s = [s.g32() for s in slots]
-    p32s = [s.p32() for s in slots]
-    feature_fn = lambda i, g32, acc: features(g32, p32s[i], acc)  # noqa: E731
-    row_sums = reduce(factored_phase(slots, decays, reduce(gsq_phase(slots, g32s))))
-    accs, partial = feature_phase(slots, g32s, decays, row_sums, feature_fn)
-    for i, (s, acc, sums) in enumerate(zip(slots, accs, reduce(partial))):
-        feats = normalise(feature_fn(i, g32s[i], acc), sums, s.geo)
-        scales = torch.tensor(TIME_SCALES, dtype=torch.float32, device=s.p.device)
-        time = torch.tanh(ts[i] / scales - 1).expand(feats.shape[0], -1)
-        out = mlp(torch.cat([feats, time], dim=1), [w.float() for w in weights[i]])
-        direction, magnitude = out[:, 0], out[:, 1]
-        step = direction * torch.exp(magnitude * exp_mult) * step_mult
-        apply_update(s.p, p32s[i], step, lrs[i], wds[i])
-
-
-@torch.no_grad()
-def small_fc_lopt_step_(
-    params, grads, momentum, rms, fac_row, fac_col, fac_diag, state_steps, lr, meta_weights,
-    decays, weight_decay, step_mult, exp_mult,
-):
-    """Reference of ``torch.ops.lo_ops.small_fc_lopt_step_`` (same arguments, same effect).
-
-    ``meta_weights`` ([P]) and ``decays`` ([7]) serve every tensor, or hold one row per tensor
-    ([T, P], [T, 7]).
-    """
-    slots = slots_of(params, grads, momentum, rms, fac_row, fac_col, fac_diag)
-    n = len(params)
-    weights = [unpack_weights(meta_weights[i] if meta_weights.dim() == 2 else meta_weights) for i in range(n)]
-    per_decays = [decays[i] if decays.dim() == 2 else decays for i in range(n)]
-    small_fc_lopt_slots(
-        slots, list(state_steps), lr=lr.float().reshape(()), weights=weights, decays=per_decays,
-        weight_decay=weight_decay, step_mult=step_mult, exp_mult=exp_mult,
-    )

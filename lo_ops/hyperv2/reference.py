@@ -1,4 +1,5 @@
-"""Pure-PyTorch VeLO (spec section 3), written for reading.
+"""Pure-PyTorch HyperV2 family (VeLO, spec section 3; Celo and Celo-Adam, section 5), written
+for reading.
 
 - ``loss_buffer_update``, ``per_tensor_network`` and ``blend_mlp_weights`` work on all tensors
   at once (a few small tensor ops, no Python loop over parameters); the optimizer uses them as
@@ -15,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._layout import (
+from .._layout import (
     VELO_DECAYS,
     VELO_GRAD_CLIP,
     VELO_LOSS_BUFFER,
@@ -24,7 +25,7 @@ from ._layout import (
     VELO_TIME_OFFSETS,
     unpack_velo_mlp,
 )
-from .reference import (
+from .._reference import (
     Geometry,
     PartialSum,
     Reduce,
@@ -76,8 +77,17 @@ def _cla(x: Tensor) -> Tensor:
 
 
 def time_features(iteration: Tensor, num_steps: float) -> Tensor:
+    """``tanh(10 * (t/N - q))`` with ``t/N = float32(t) / float32(N)`` (a true division on
+    every device)."""
     q = torch.tensor(VELO_TIME_OFFSETS, dtype=torch.float32, device=iteration.device)
-    return torch.tanh(10 * (iteration.float() / num_steps - q))
+    n = torch.full((), float(num_steps), dtype=torch.float32, device=iteration.device)
+    return torch.tanh(10 * (iteration.float() / n - q))
+
+
+def shared_lstm_inputs(iteration: Tensor, num_steps: float, loss_features: Tensor) -> Tensor:
+    """The 18 LSTM inputs that are the same for every tensor: time features, then the loss
+    features (VeLO's first 18; all of Celo's, spec 5.1)."""
+    return torch.cat([time_features(iteration.reshape(()), num_steps), loss_features.float()])
 
 
 def lstm_sums(p: Tensor, g: Tensor, momentum: Tensor, rms: Tensor, geo: Geometry) -> PartialSum:
@@ -141,7 +151,7 @@ def lstm_rows(shared: Tensor, sums: Tensor, spreads: Tensor, geos: list[Geometry
 def velo_lstm_input(params, grads, momentum, rms, loss_features, iteration, num_steps):
     """Reference of ``lo_ops::velo_lstm_input``: ``(X [T, 30], all grads finite)``."""
     device = loss_features.device
-    shared = torch.cat([time_features(iteration.reshape(()), float(num_steps)), loss_features.float()])
+    shared = shared_lstm_inputs(iteration, float(num_steps), loss_features)
     geos = [Geometry.of(p) for p in params]
     sums = [lstm_sums(p, g, m, v, geo)[0] for p, g, m, v, geo in zip(params, grads, momentum, rms, geos)]
     rows = []
@@ -159,7 +169,9 @@ def per_tensor_network(X: Tensor, hidden: Tensor, cell: Tensor, net,
     """Mixing, max-pool over tensors, LSTM cell and heads, batched over the T rows of ``X``.
     Rows whose ``valid`` is 0 (padding) are left out of the max-pool.
 
-    Returns ``(hidden', cell', controls [T, 256], lr_mult [T])``.
+    Returns ``(hidden', cell', controls [T, sets], lr_mult [T])``: VeLO's raw heads; for Celo
+    and Celo-Adam ``lr_mult = 0.1 * exp(h s + s0)`` and no controls (None: with one weight
+    set their softmax is 1, spec 5.2).
     """
     u = torch.relu(torch.nn.functional.linear(X, net.mix_in.weight, net.mix_in.bias))
     if valid is not None:
@@ -170,14 +182,24 @@ def per_tensor_network(X: Tensor, hidden: Tensor, cell: Tensor, net,
     i, g, f, o = gates.chunk(4, dim=1)
     new_cell = torch.sigmoid(f + 1) * cell + torch.sigmoid(i) * torch.tanh(g)
     new_hidden = torch.sigmoid(o) * torch.tanh(new_cell)
-    controls = torch.nn.functional.linear(new_hidden, net.to_controls.weight, net.to_controls.bias)
     lr_mult = torch.nn.functional.linear(new_hidden, net.to_lr_mult.weight, net.to_lr_mult.bias)[:, 0]
+    controls = None
+    if net.config.param_inits > 1:
+        controls = torch.nn.functional.linear(new_hidden, net.to_controls.weight, net.to_controls.bias)
+    if net.config.exp_lr_mult:
+        lr_mult = 0.1 * torch.exp(lr_mult)
     return new_hidden, new_cell, controls, lr_mult
 
 
 def blend_mlp_weights(controls: Tensor, mlp_sets: Tensor) -> Tensor:
-    """Each tensor's MLP weights, ``100 * mean_k(controls[i, k] * set_k)``: ``[T, 159]``."""
+    """Each tensor's VeLO MLP weights, ``100 * mean_k(controls[i, k] * set_k)``: ``[T, 159]``."""
     return (controls @ mlp_sets) * _MLP_BLEND_SCALE
+
+
+def shared_mlp_weights(mlp_sets: Tensor, T: int) -> Tensor:
+    """Celo's MLP weights of T tensors: the one set as is (``mean`` over one set of
+    ``set * softmax(controls) = set * 1``, no factor 100; spec 5.2), ``[T, 159]``."""
+    return mlp_sets[:1].expand(T, -1).contiguous()
 
 
 # -- per-element features and update (spec 3.5) ----------------------------------------------------

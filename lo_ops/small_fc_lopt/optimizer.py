@@ -9,10 +9,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import _distributed, _phases, reference
-from ._layout import effective_decays, state_shapes, unpack_weights
-from ._optim import LearnedOptimizer, accumulator_state, check_lr, check_weight_decay, group_lr, split_buckets
-from .networks import check_decay_offsets, load_small_fc_lopt_network
+from .. import _distributed, _phases
+from .._layout import effective_decays, state_shapes, unpack_weights
+from .._optim import LearnedOptimizer, accumulator_state, check_lr, check_weight_decay, group_lr, split_buckets
+from . import reference
+from .network import check_decay_offsets, load_small_fc_lopt_network
 
 
 _STATE_KEYS_FACTORED = ("step", "momentum", "rms", "fac_row", "fac_col")
