@@ -50,12 +50,24 @@ def _make_opt(name, params, fused, velo_fixture, **kw):
 
     if name == "small_fc_lopt":
         return lo_ops.SmallFCLOpt(params, lr=0.7, weight_decay=0.01, fused=fused, **kw)
+    if name in HYPERV2:
+        return HYPERV2[name](params, num_steps=20, lr=0.9, weight_decay=0.01, fused=fused, **kw)
     return lo_ops.VeLO(params, num_steps=20, lr=0.9, weight_decay=0.01, pretrained=velo_fixture, fused=fused,
                        **kw)
 
 
+def _hyperv2():
+    import lo_ops
+
+    return {"celo": lo_ops.Celo, "celo_adam": lo_ops.CeloAdam}
+
+
+HYPERV2 = _hyperv2()
+WITH_LOSS = ("velo", "celo", "celo_adam")  # the optimizers whose step takes the loss
+
+
 def _step(opt, name, k):
-    if name == "velo":
+    if name in WITH_LOSS:
         opt.step(loss=torch.tensor(2.0 / (k + 1)))
     else:
         opt.step()
@@ -127,9 +139,9 @@ def _sharded_case(rank, world, name, kind, mesh_shape, dtype, fused, velo_fixtur
                 assert torch.equal(local, expected), what
             else:
                 torch.testing.assert_close(local, expected, rtol=1e-6, atol=0, msg=lambda m: f"{what}: {m}")
-    if name == "velo":
-        for key, value in opt.velo_state.items():
-            assert torch.equal(value, ref.velo_state[key]), key
+    if name in WITH_LOSS:
+        for key, value in opt.global_state.items():
+            assert torch.equal(value, ref.global_state[key]), key
             assert_replicas_equal(value, what=key)
 
 
@@ -140,7 +152,7 @@ def velo_fixture_dir():
     return str(_need(FIXTURES / "velo_init" / "pylo_hub"))
 
 
-@pytest.mark.parametrize("name", ["small_fc_lopt", "velo"])
+@pytest.mark.parametrize("name", ["small_fc_lopt", "velo", "celo", "celo_adam"])
 @pytest.mark.parametrize("world", [2, 3])
 def test_fsdp_and_tp_shards_equal_one_process(world, name, velo_fixture_dir):
     # fused=None: the phase ops (against one process with the fused kernels); fused=False: the
@@ -163,7 +175,7 @@ def _groups_case(rank, world, velo_fixture):
 
     mesh = init_device_mesh("cpu", (world,))
     shapes = [(37, 5), (7,), (5, 37), (3, 20, 7), ()]
-    for name in ("small_fc_lopt", "velo"):
+    for name in ("small_fc_lopt", "velo", "celo", "celo_adam"):
         for fused in (None, False):
             full = make_tensors(shapes)
             ref_params = [torch.nn.Parameter(t.clone()) for t in full]
@@ -196,7 +208,7 @@ def test_param_groups_of_sharded_parameters(velo_fixture_dir):
 
 
 def test_2d_meshes_hsdp_and_fsdp_tp_at_4_ranks(velo_fixture_dir):
-    cases = [(name, kind, (2, 2), torch.float32, fused) for name in ("small_fc_lopt", "velo")
+    cases = [(name, kind, (2, 2), torch.float32, fused) for name in ("small_fc_lopt", "velo", "celo", "celo_adam")
              for kind in ("hsdp", "fsdp_tp", "fsdp_over_colwise_tp") for fused in (None, False)]
     spawn(4, _run_cases, cases, velo_fixture_dir)
 
@@ -229,7 +241,7 @@ def _compiled_case(rank, world, name, velo_fixture, cache):
         for a, b, g in zip(eager_params, compiled_params, make_tensors(shapes, seed=10 + k, scale=0.1)):
             a.grad = distribute_tensor(g, mesh, a.placements, src_data_rank=None)
             b.grad = distribute_tensor(g.clone(), mesh, b.placements, src_data_rank=None)
-        if name == "velo":
+        if name in WITH_LOSS:
             loss = torch.tensor(1.0 / (k + 1))
             eager.step(loss=loss)
             step(loss=loss)
@@ -241,7 +253,7 @@ def _compiled_case(rank, world, name, velo_fixture, cache):
         torch.testing.assert_close(b.to_local(), a.to_local(), rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", ["small_fc_lopt", "velo"])
+@pytest.mark.parametrize("name", ["small_fc_lopt", "velo", "celo", "celo_adam"])
 def test_compiled_step_on_dtensor_params_equals_eager(name, velo_fixture_dir, tmp_path):
     spawn(2, _compiled_case, name, velo_fixture_dir, str(tmp_path))
 
@@ -259,22 +271,22 @@ def _batch(rank, k):
 def _fsdp2_case(rank, world, velo_fixture):
     """A model wrapped by FSDP2's fully_shard: each step equals the single-process optimizer
     given the same (gathered) parameters and gradients; VeLO averages the loss itself."""
-    for name in ("small_fc_lopt", "velo"):
+    for name in ("small_fc_lopt", "velo", "celo", "celo_adam"):
         model, single = _fsdp2_model(world), _model()
-        kw = {"all_reduce_loss": True} if name == "velo" else {}
+        kw = {"all_reduce_loss": True} if name in WITH_LOSS else {}
         opt = _make_opt(name, list(model.parameters()), False, velo_fixture, **kw)
         ref = _make_opt(name, list(single.parameters()), False, velo_fixture)
         for k in range(3):
-            _train_with_single(model, opt, single, ref, name, 1, k, rank, own_loss=name == "velo")
+            _train_with_single(model, opt, single, ref, name, 1, k, rank, own_loss=name in WITH_LOSS)
             for i, (p, q) in enumerate(zip(model.parameters(), single.parameters())):
                 assert torch.equal(p.to_local(), local_part(q, p)), f"{name} step {k} param {i}"
-        if name == "velo":
-            assert torch.equal(opt.velo_state["loss_means"], ref.velo_state["loss_means"])
+        if name in WITH_LOSS:
+            assert torch.equal(opt.global_state["loss_means"], ref.global_state["loss_means"])
 
 
 def _step_both(name, opt, ref, loss, ref_loss):
-    """One step of the optimizer under test and of the single-process one (VeLO with losses)."""
-    if name == "velo":
+    """One step of the optimizer under test and of the single-process one (VeLO, Celo* with losses)."""
+    if name in WITH_LOSS:
         opt.step(loss=loss)
         ref.step(loss=ref_loss)
     else:
@@ -335,6 +347,9 @@ def _zero_case(rank, world, velo_fixture):
         if name == "velo":
             return ZeroRedundancyOptimizer(params, optimizer_class=lo_ops.VeLO, num_steps=20, lr=0.9,
                                            weight_decay=0.01, pretrained=velo_fixture, partitioned=True)
+        if name in HYPERV2:
+            return ZeroRedundancyOptimizer(params, optimizer_class=HYPERV2[name], num_steps=20, lr=0.9,
+                                           weight_decay=0.01, partitioned=True)
         return ZeroRedundancyOptimizer(params, optimizer_class=lo_ops.SmallFCLOpt, lr=0.7, weight_decay=0.01)
 
     def train(model, opt, name, steps, offset=0):
@@ -342,12 +357,12 @@ def _zero_case(rank, world, velo_fixture):
             x, y = _batch(0, k)  # the same batch on every rank: equal gradients without DDP
             loss = torch.nn.functional.mse_loss(model(x), y)
             loss.backward()
-            opt.step(loss=loss.detach()) if name == "velo" else opt.step()
+            opt.step(loss=loss.detach()) if name in WITH_LOSS else opt.step()
             opt.zero_grad()
 
     models = {"four params": _model(), "two params": torch.nn.Sequential(torch.nn.Linear(10, 5))}
     for label, model in models.items():
-        for name in ("small_fc_lopt", "velo"):
+        for name in ("small_fc_lopt", "velo", "celo", "celo_adam"):
             zero_model, single = copy.deepcopy(model), copy.deepcopy(model)
             opt = build(name, zero_model.parameters())
             ref = _make_opt(name, list(single.parameters()), None, velo_fixture)

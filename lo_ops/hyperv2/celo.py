@@ -17,18 +17,9 @@ from .._layout import (
 )
 from .._optim import accumulator_state, group_lr, split_buckets
 from . import reference as ref
-from .optimizer import HyperV2Optimizer
+from .optimizer import HyperV2Optimizer, nonfinite_flags
 
 _LSTM_STATE = {"lstm_hidden": (CELO_LSTM_HIDDEN,), "lstm_cell": (CELO_LSTM_HIDDEN,)}
-
-
-def grads_finite(grads: list[Tensor]) -> Tensor:
-    """Whether every element of ``grads`` (one dtype) is finite: one fused max-norm per list,
-    no host sync."""
-    if not grads:
-        return torch.ones((), dtype=torch.bool)
-    norms = torch._foreach_norm(grads, float("inf"), dtype=torch.float32)
-    return torch.isfinite(torch.stack(norms)).all()
 
 
 class _CeloBase(HyperV2Optimizer):
@@ -70,7 +61,8 @@ class _CeloBase(HyperV2Optimizer):
     def _finite(self, loss_t: Tensor, grad_lists: list[list[Tensor]]) -> Tensor:
         finite = torch.isfinite(loss_t)
         for grads in grad_lists:
-            finite = finite & grads_finite(grads).to(finite.device)
+            if grads:
+                finite = finite & (nonfinite_flags(grads).sum() == 0)
         return finite
 
 
@@ -105,6 +97,7 @@ class Celo(_CeloBase):
 
     architecture = "celo"
     _ops = ("velo_step_",)
+    _phase_ops = ("factored_gsq_sums", "factored_update_", "velo_feature_sums_", "velo_apply_")
 
     def _parameter_state(self, p: Tensor) -> dict[str, Tensor]:
         return accumulator_state(p)
@@ -130,7 +123,7 @@ class Celo(_CeloBase):
                 else:
                     lists[6].append(state["fac_diag"])
             if self._sharded:
-                buckets.extend((group, [s]) for s in self._local_slots(lists))
+                buckets.extend((group, s) for s in self._local_slots(lists))
             else:
                 buckets.extend((group, b) for b in split_buckets(lists).values())
         if not buckets and self._partition_group is None:
@@ -139,6 +132,10 @@ class Celo(_CeloBase):
 
     def _update(self, buckets, loss_t, loss_features):
         if self._sharded:
+            if self._phased_fused_for(self._device):
+                finite, hidden, cell = self._mlp_step_phased_fused(buckets, loss_t, loss_features)
+                self._commit_schedule(~finite, hidden, cell)
+                return finite
             return self._update_sharded(buckets, loss_t, loss_features)
         finite = self._all_finite(self._finite(loss_t, [b[1] for _, b in buckets]))
         skip = ~finite
@@ -154,12 +151,12 @@ class Celo(_CeloBase):
         return finite
 
     def _update_sharded(self, slot_groups, loss_t, loss_features):
-        """DTensor parameters: the reference's phases on local shards, each phase's sums
-        completed across ranks (lo_ops._distributed), the non-finite test riding with the
-        first round's sums."""
+        """DTensor parameters where the device has no phase ops: the reference's phases on
+        local shards, each phase's sums completed across ranks (lo_ops._distributed), the
+        non-finite test riding with the first round's sums."""
         reduce = _distributed.all_reduce_sums
         groups = [g for g, _ in slot_groups]
-        slots = [s[0] for _, s in slot_groups]
+        slots = [s for _, s in slot_groups]
         tensors = ref.slot_tensors(slots)
         saved = [t.clone() for t in tensors]
         g32s = [s.g32(clip=VELO_GRAD_CLIP) for s in slots]
@@ -174,7 +171,6 @@ class Celo(_CeloBase):
         finite = torch.isfinite(loss_t)
         if bad:
             finite = finite & (torch.cat(bad).sum() == 0)
-        finite = self._all_finite(finite)
         lr_mult, hidden, cell = self._schedule(loss_features)
         row_sums = reduce(shared.factored_phase(slots, decays, gsq))
         weights = ref.shared_mlp_weights(self._mlp_sets, 1)[0]

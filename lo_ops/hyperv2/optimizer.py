@@ -38,6 +38,17 @@ _LOSS_STATE = {
 }
 
 
+def nonfinite_flags(grads: list[Tensor]) -> Tensor:
+    """Per tensor, 1.0 where it holds a non-finite element (float64 ``[T]``): one fused
+    max-norm over the non-empty ones, no host sync."""
+    out = torch.zeros(len(grads), dtype=torch.float64, device=grads[0].device if grads else None)
+    nonempty = [i for i, g in enumerate(grads) if g.numel() > 0]
+    if nonempty:
+        norms = torch.stack(torch._foreach_norm([grads[i] for i in nonempty], float("inf"), dtype=torch.float32))
+        out[nonempty] = (~torch.isfinite(norms)).double()
+    return out
+
+
 class HyperV2Optimizer(LearnedOptimizer):
     """What VeLO, Celo and Celo-Adam share (spec 3.1, 5.1, 5.4); ``architecture`` picks the
     configuration (``lo_ops._layout.HYPERV2_CONFIGS``) and the meta-weights it loads.
@@ -248,6 +259,80 @@ class HyperV2Optimizer(LearnedOptimizer):
     def _shared_lstm_inputs(self, loss_features: Tensor) -> Tensor:
         """The 18 LSTM inputs every tensor shares: time features, then loss features."""
         return ref.shared_lstm_inputs(self.global_state["iteration"], self.num_steps, loss_features)
+
+    def _mlp_step_phased_fused(self, slots, loss_t, loss_features, old_hidden=None, old_cell=None):
+        """The per-element MLP step (VeLO, Celo) of DTensor parameters with the phase ops
+        (lo_ops._phases) on local shards, per (param group, dtype) bucket, in three rounds of
+        sums across ranks. VeLO's per-tensor LSTM statistics ride in the first two rounds and
+        every rank runs the per-tensor network on the same T rows (in the order of ``slots``);
+        Celo's first round carries only each tensor's non-finite flag, and its one-row schedule
+        needs no sums. Returns ``(finite, hidden', cell')``."""
+        reduce = _distributed.all_reduce_sums
+        shared = self.config.shared_lstm_input
+        groups, slots = [g for g, _ in slots], [s for _, s in slots]
+        buckets = _phases.buckets_of(slots, key=lambda i: id(groups[i]))
+        lists = [b.accumulators for b in buckets]
+        decays = self._velo_decays
+        counts = [len(b.slots) for b in buckets]
+        # Round 1: g^2 sums, and the plain LSTM sums (VeLO) or the non-finite flags (Celo).
+        gsq = [x for b in buckets for x in _phases.gsq_sums(b, VELO_GRAD_CLIP)]
+        n_gsq = [2 * len(b.factored) for b in buckets]
+        if shared:
+            stats = [x for b in buckets for x in _phases.per_tensor(nonfinite_flags(b.grads)[:, None], b)]
+        else:
+            stats = [x for b, (m, v, *_) in zip(buckets, lists) for x in
+                     _phases.per_tensor(torch.ops.lo_ops.velo_lstm_moments(b.params, b.grads, m, v, None), b)]
+        first = reduce(gsq + stats)
+        gsq = _phases.split(first[:len(gsq)], n_gsq)
+        sums = [torch.stack(x) for x in _phases.split(first[sum(n_gsq):], counts)]
+        nonfinite = torch.cat([t[:, -1] for t in sums]).sum()  # the last column counts them
+        finite = torch.isfinite(loss_t) & (nonfinite == 0)
+        skip = ~finite
+        # Round 2: r and c, their row sums, and (VeLO) the spreads about the momentum means.
+        rows = [x for b, g in zip(buckets, gsq) for x in _phases.factored_update(b, g, decays, skip)]
+        n_rows = [len(b.factored) for b in buckets]
+        spreads = []
+        if not shared:
+            for b, (m, v, *_), total in zip(buckets, lists, sums):
+                n = torch.tensor([max(s.geo.numel, 1) for s in b.slots], dtype=torch.float64, device=total.device)
+                mu = (total[:, 1:4] / n[:, None]).contiguous()
+                spreads += _phases.per_tensor(torch.ops.lo_ops.velo_lstm_moments(b.params, b.grads, m, v, mu), b)
+        second = reduce(rows + spreads)
+        rows = _phases.split(second[:len(rows)], n_rows)
+        if shared:
+            lr_mult, new_hidden, new_cell = self._schedule(loss_features)
+            lr_mult = lr_mult.expand(len(slots))
+            mlp_weights = ref.shared_mlp_weights(self._mlp_sets, len(slots))
+        else:
+            spreads = [torch.stack(x) for x in _phases.split(second[sum(n_rows):], counts)]
+            # The LSTM rows in the order of `slots` (buckets group them by param group and dtype).
+            sums, spreads = torch.cat(sums), torch.cat(spreads)
+            order = [i for b in buckets for i in b.index]
+            if order != sorted(order):
+                position = [0] * len(order)
+                for j, i in enumerate(order):
+                    position[i] = j
+                position = torch.tensor(position, device=sums.device)
+                sums, spreads = sums[position], spreads[position]
+            X = torch.ops.lo_ops.velo_lstm_rows(
+                loss_features, self.global_state["iteration"], float(self.num_steps), sums, spreads,
+                [s.geo.numel for s in slots], [sum(1 for d in s.geo.shape if d > 1) for s in slots])
+            new_hidden, new_cell, controls, lr_mult = ref.per_tensor_network(X, old_hidden, old_cell, self._net)
+            mlp_weights = ref.blend_mlp_weights(controls, self._mlp_sets)
+        # Round 3: the feature sums; then each bucket's update.
+        partial = []
+        for b, (m, v, fr, fc, fd), r in zip(buckets, lists, rows):
+            partial += _phases.per_tensor(torch.ops.lo_ops.velo_feature_sums_(
+                b.params, b.grads, m, v, fr, fc, fd, r, skip, b.geometry), b)
+        features = _phases.split(reduce(partial), [len(b.slots) for b in buckets])
+        for b, acc, r, f in zip(buckets, lists, rows, features):
+            group = groups[b.index[0]]
+            index = torch.tensor(b.index, device=self._device)
+            torch.ops.lo_ops.velo_apply_(
+                b.params, b.grads, *acc, group_lr(group, self._device), mlp_weights[index].contiguous(),
+                lr_mult[index].contiguous(), skip, r, torch.stack(f), b.geometry, float(group["weight_decay"]),
+                self.step_mult, self.exp_mult)
+        return finite, new_hidden, new_cell
 
     # -- state_dict ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -479,71 +564,10 @@ class VeLO(HyperV2Optimizer):
 
     def _step_phased(self, slots, loss_t, loss_features, old_hidden, old_cell):
         """With DTensor parameters: the phase ops on local shards where the device has them
-        (``_step_phased_fused``), the reference's phases otherwise."""
+        (``_mlp_step_phased_fused``), the reference's phases otherwise."""
         if self._phased_fused_for(self._device):
-            return self._step_phased_fused(slots, loss_t, loss_features, old_hidden, old_cell)
+            return self._mlp_step_phased_fused(slots, loss_t, loss_features, old_hidden, old_cell)
         return self._step_phased_reference(slots, loss_t, loss_features, old_hidden, old_cell)
-
-    def _step_phased_fused(self, slots, loss_t, loss_features, old_hidden, old_cell):
-        """The phase ops (lo_ops._phases) on local shards, per (param group, dtype) bucket; three
-        rounds of sums across ranks, the LSTM statistics riding in the first two. Every rank runs
-        the per-tensor network on the same T rows (in the order of ``slots``)."""
-        reduce = _distributed.all_reduce_sums
-        groups, slots = [g for g, _ in slots], [s for _, s in slots]
-        buckets = _phases.buckets_of(slots, key=lambda i: id(groups[i]))
-        lists = [b.accumulators for b in buckets]
-        decays = self._velo_decays
-        # Round 1: g^2 sums and the plain LSTM sums.
-        gsq = [x for b in buckets for x in _phases.gsq_sums(b, VELO_GRAD_CLIP)]
-        n_gsq = [2 * len(b.factored) for b in buckets]
-        moments = [x for b, (m, v, *_) in zip(buckets, lists)
-                   for x in _phases.per_tensor(torch.ops.lo_ops.velo_lstm_moments(b.params, b.grads, m, v, None), b)]
-        first = reduce(gsq + moments)
-        counts = [len(b.slots) for b in buckets]
-        gsq = _phases.split(first[:len(gsq)], n_gsq)
-        sums = [torch.stack(x) for x in _phases.split(first[sum(n_gsq):], counts)]
-        nonfinite = torch.cat([t[:, 5] for t in sums]).sum()
-        finite = torch.isfinite(loss_t) & (nonfinite == 0)
-        skip = ~finite
-        # Round 2: r and c, their row sums, and the spreads about the momentum means.
-        rows = [x for b, g in zip(buckets, gsq) for x in _phases.factored_update(b, g, decays, skip)]
-        n_rows = [len(b.factored) for b in buckets]
-        spreads = []
-        for b, (m, v, *_), total in zip(buckets, lists, sums):
-            n = torch.tensor([max(s.geo.numel, 1) for s in b.slots], dtype=torch.float64, device=total.device)
-            mu = (total[:, 1:4] / n[:, None]).contiguous()
-            spreads += _phases.per_tensor(torch.ops.lo_ops.velo_lstm_moments(b.params, b.grads, m, v, mu), b)
-        second = reduce(rows + spreads)
-        rows = _phases.split(second[:len(rows)], n_rows)
-        spreads = [torch.stack(x) for x in _phases.split(second[sum(n_rows):], counts)]
-        # The LSTM rows in the order of `slots` (buckets group them by param group and dtype).
-        sums, spreads = torch.cat(sums), torch.cat(spreads)
-        order = [i for b in buckets for i in b.index]
-        if order != sorted(order):
-            position = [0] * len(order)
-            for j, i in enumerate(order):
-                position[i] = j
-            position = torch.tensor(position, device=sums.device)
-            sums, spreads = sums[position], spreads[position]
-        X = torch.ops.lo_ops.velo_lstm_rows(
-            loss_features, self.velo_state["iteration"], float(self.num_steps), sums, spreads,
-            [s.geo.numel for s in slots], [sum(1 for d in s.geo.shape if d > 1) for s in slots])
-        new_hidden, new_cell, controls, lr_mult = ref.per_tensor_network(X, old_hidden, old_cell, self._net)
-        mlp_weights = ref.blend_mlp_weights(controls, self._mlp_sets)
-        # Round 3: the feature sums; then each bucket's update.
-        partial = []
-        for b, (m, v, fr, fc, fd), r in zip(buckets, lists, rows):
-            partial += _phases.per_tensor(torch.ops.lo_ops.velo_feature_sums_(
-                b.params, b.grads, m, v, fr, fc, fd, r, skip, b.geometry), b)
-        features = _phases.split(reduce(partial), [len(b.slots) for b in buckets])
-        for b, acc, r, f in zip(buckets, lists, rows, features):
-            group = groups[b.index[0]]
-            index = torch.tensor(b.index, device=self._device)
-            torch.ops.lo_ops.velo_apply_(
-                b.params, b.grads, *acc, group_lr(group, self._device), mlp_weights[index].contiguous(),
-                lr_mult[index].contiguous(), skip, r, torch.stack(f), b.geometry, float(group["weight_decay"]),
-                self.step_mult, self.exp_mult)
-        return finite, new_hidden, new_cell
 
     def _step_phased_reference(self, slots, loss_t, loss_features, old_hidden, old_cell):
         """With DTensor parameters: the reference's phases on local shards, each phase's sums
