@@ -59,11 +59,21 @@ class _CeloBase(HyperV2Optimizer):
         )
 
     def _finite(self, loss_t: Tensor, grad_lists: list[list[Tensor]]) -> Tensor:
+        """Whether the loss and every gradient element are finite, without a host sync. Whole
+        (non-DTensor) gradients of one dtype go through torch's fused multi-tensor check
+        (``_amp_foreach_non_finite_check_and_unscale_`` with a scale of exactly 1, which leaves
+        every value as it is); local shards through ``nonfinite_flags``."""
         finite = torch.isfinite(loss_t)
+        found = torch.zeros((), dtype=torch.float32, device=loss_t.device)
+        one = torch.ones((), dtype=torch.float32, device=loss_t.device)
         for grads in grad_lists:
-            if grads:
+            if not grads:
+                continue
+            if self._sharded:
                 finite = finite & (nonfinite_flags(grads).sum() == 0)
-        return finite
+            else:
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, found, one)
+        return finite & (found == 0)
 
 
 class Celo(_CeloBase):
