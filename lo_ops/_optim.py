@@ -119,50 +119,37 @@ class LearnedOptimizer(Optimizer):
 
     def _fused_for(self, device: torch.device) -> bool:
         """Whether the fused kernels serve ``device`` (decided once per device type)."""
-        key = device.type
-        if key not in self._use_fused:
-            from . import has_kernel
-
-            name = type(self).__name__
-            missing = [op for op in self._ops if not has_kernel(op, key)]
-            if self.fused is True and missing:
-                raise RuntimeError(
-                    f"{name}(fused=True): lo_ops was built without a {key} kernel for "
-                    f"{', '.join(missing)}; use fused=None to fall back to the reference implementation"
-                )
-            use = not missing and self.fused is not False
-            if not use and self.fused is None:
-                logger.warning(
-                    "%s: no fused %s kernel in this build; %s parameters use the "
-                    "(slower) pure-PyTorch reference", name, key, key,
-                )
-            self._use_fused[key] = use
-        return self._use_fused[key]
+        return self._kernels_for(device, self._ops, self._use_fused, "",
+                                 "the (slower) pure-PyTorch reference")
 
     def _phased_fused_for(self, device: torch.device) -> bool:
         """Whether DTensor parameters on ``device`` take the fused phase ops (lo_ops._phases)
         rather than the phased reference (decided once per device type)."""
+        return self._kernels_for(device, self._phase_ops, self._use_phased, ", which sharded (DTensor) parameters need",
+                                 "the (slower) phased pure-PyTorch reference for DTensor parameters")
+
+    def _kernels_for(self, device: torch.device, ops: tuple[str, ...], decided: dict[str, bool], need: str,
+                     fallback: str) -> bool:
+        """Whether every op of ``ops`` has a kernel for ``device``'s type, as ``self.fused``
+        allows: ``True`` raises without one, ``None`` falls back to ``fallback`` (logged
+        once). Decided once per device type and kept in ``decided``."""
         key = device.type
-        if key not in self._use_phased:
+        if key not in decided:
             from . import has_kernel
 
             name = type(self).__name__
-            missing = [op for op in self._phase_ops if not has_kernel(op, key)]
+            missing = [op for op in ops if not has_kernel(op, key)]
             if self.fused is True and missing:
                 raise RuntimeError(
                     f"{name}(fused=True): lo_ops was built without a {key} kernel for "
-                    f"{', '.join(missing)}, which sharded (DTensor) parameters need; use "
-                    "fused=None to fall back to the phased reference implementation"
+                    f"{', '.join(missing)}{need}; use fused=None to fall back to {fallback}"
                 )
             use = not missing and self.fused is not False
             if not use and self.fused is None:
-                logger.warning(
-                    "%s: no fused %s kernels for sharded parameters in this build; DTensor "
-                    "parameters on %s use the (slower) phased pure-PyTorch reference", name, key, key,
-                )
-            self._use_phased[key] = use
-        return self._use_phased[key]
-
+                logger.warning("%s: no fused %s kernel%s in this build; %s parameters use %s",
+                               name, key, "s" if len(missing) > 1 else "", key, fallback)
+            decided[key] = use
+        return decided[key]
 
 def split_buckets(lists: list[list[Tensor]]) -> dict[tuple[torch.device, torch.dtype], list[list[Tensor]]]:
     """Splits the ops' argument lists of one group by the (device, dtype) of the parameters.

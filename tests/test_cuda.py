@@ -121,6 +121,10 @@ def _velo_net():
 def _make(kind, params, **kw):
     if kind == "small_fc_lopt":
         return lo_ops.SmallFCLOpt(params, **kw)
+    if kind == "celo":
+        return lo_ops.Celo(params, num_steps=50, **kw)
+    if kind == "celo_adam":
+        return lo_ops.CeloAdam(params, num_steps=50, **kw)
     return lo_ops.VeLO(params, num_steps=50, pretrained=_velo_net(), **kw)
 
 
@@ -128,7 +132,7 @@ def _step(kind, opt, k):
     return opt.step() if kind == "small_fc_lopt" else opt.step(loss=torch.tensor(2.0 + math.sin(k), device="cuda"))
 
 
-@pytest.mark.parametrize("kind", ["small_fc_lopt", "velo"])
+@pytest.mark.parametrize("kind", ["small_fc_lopt", "velo", "celo", "celo_adam"])
 def test_optimizer_on_cuda_matches_cpu_over_20_steps(kind):
     cpu_params = make_params(SHAPES)
     gpu_params = [torch.nn.Parameter(p.detach().cuda()) for p in cpu_params]
@@ -147,7 +151,7 @@ def test_optimizer_on_cuda_matches_cpu_over_20_steps(kind):
         torch.testing.assert_close(p.detach().cpu(), q.detach(), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["small_fc_lopt", "velo"])
+@pytest.mark.parametrize("kind", ["small_fc_lopt", "velo", "celo", "celo_adam"])
 def test_cuda_graph_capture_replays_like_eager(kind):
     shapes = [(), (5,), (7, 5), (6, 6), (3, 4, 6), (64, 48)]
     eager_params = [torch.nn.Parameter(p.detach().cuda()) for p in make_params(shapes, non_contiguous=False)]
@@ -193,7 +197,7 @@ def test_cuda_graph_capture_replays_like_eager(kind):
         torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("kind", ["small_fc_lopt", "velo"])
+@pytest.mark.parametrize("kind", ["small_fc_lopt", "velo", "celo", "celo_adam"])
 def test_compiled_reduce_overhead_equals_eager(kind):
     torch._dynamo.reset()
     shapes = [(), (5,), (7, 5), (6, 6), (3, 4, 6)]
