@@ -81,3 +81,13 @@ def resolve_directory(source: str, *, revision=None, cache_dir=None, token=None,
     if Path(files["model.safetensors"]).parent != directory:
         raise OSError(f"Hub files of {source!r} resolved to different directories")
     return directory
+
+
+def readable_like_other_files(path: Path) -> None:
+    """Gives ``path`` the mode a newly created file gets under the process's umask (safetensors
+    writes its files 0600, unlike every other file of a checkpoint directory)."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)

@@ -55,6 +55,8 @@ class LearnedOptimizer(Optimizer):
         gi = len(self.param_groups) - 1
         check_lr(group["lr"], f"param_groups[{gi}]['lr']")
         check_weight_decay(group["weight_decay"], f"param_groups[{gi}]['weight_decay']")
+        if isinstance(group["weight_decay"], Tensor):  # the ops take it as a number
+            group["weight_decay"] = float(group["weight_decay"].item())
         if isinstance(group["lr"], Tensor):  # a private copy: groups' schedulers must not alias
             group["lr"] = group["lr"].detach().clone()
         for pi, p in enumerate(group["params"]):
@@ -212,7 +214,12 @@ def check_lr(lr, name):
 
 
 def check_weight_decay(wd, name):
-    if not isinstance(wd, (int, float)) or not math.isfinite(wd) or wd < 0:
+    """A finite number >= 0, or a one-element real tensor holding one (kept as a Python number)."""
+    if isinstance(wd, Tensor):
+        if wd.numel() != 1 or wd.is_complex() or wd.dtype == torch.bool:
+            raise ValueError(f"{name} must be a number or a one-element real tensor, got {wd!r}")
+        wd = wd.item()
+    if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not math.isfinite(wd) or wd < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {wd!r}")
 
 

@@ -343,3 +343,58 @@ def test_shipped_weights_and_licence_are_package_data():
         assert {Path(f).name for f in files} >= {"config.json", "model.safetensors", "LICENSE-celo", "README.md"}
         for f in files:
             assert any(fnmatch.fnmatch(f, pat) for pat in patterns), f
+
+
+@pytest.mark.parametrize("name", ["velo", "celo", "celo_adam"])
+def test_compiled_step_with_a_python_number_loss_fails_at_once(name):
+    from conftest import VELO_FIXTURES
+
+    params = make_params([(4, 3)], non_contiguous=False)
+    if name == "velo":
+        opt = lo_ops.VeLO(params, num_steps=10, pretrained=VELO_FIXTURES["pylo"]())
+    else:
+        opt = OPTIMIZERS[name](params, num_steps=10)
+    torch._dynamo.reset()
+    step = torch.compile(opt.step, fullgraph=True)
+    set_grads([params], 0)
+    with pytest.raises(Exception, match="needs the loss as a 0-d tensor"):
+        step(loss=1.5)
+    step(loss=torch.tensor(1.5))  # a tensor loss compiles once
+    assert opt.global_state["iteration"].item() == 1
+    opt.step(loss=2.5)  # eager: a number is fine
+    assert opt.global_state["iteration"].item() == 2
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps, wd: lo_ops.SmallFCLOpt(ps, weight_decay=wd),
+    lambda ps, wd: lo_ops.CeloAdam(ps, num_steps=10, weight_decay=wd),
+], ids=["small_fc_lopt", "celo_adam"])
+def test_weight_decay_as_a_0d_tensor(make):
+    base = make_params([(6, 4)], non_contiguous=False)
+    a, b = clone_params(base), clone_params(base)
+    opt_a, opt_b = make(a, 0.1), make(b, torch.tensor(0.1))
+    assert isinstance(opt_b.param_groups[0]["weight_decay"], float)
+    for k in range(2):
+        set_grads([a, b], k)
+        for opt in (opt_a, opt_b):
+            if isinstance(opt, lo_ops.CeloAdam):
+                opt.step(loss=_loss(k))
+            else:
+                opt.step()
+    assert torch.equal(a[0], b[0])
+    with pytest.raises(ValueError, match="one-element real tensor"):
+        make(clone_params(base), torch.tensor([0.1, 0.2]))
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        make(clone_params(base), torch.tensor(-1.0))
+
+
+def test_saved_weights_are_readable_like_the_other_files(tmp_path):
+    import os
+    import stat
+
+    out = lo_ops.convert_hyperv2(None, tmp_path / "c", "celo")
+    modes = {f.name: stat.S_IMODE(os.stat(f).st_mode) for f in out.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"], modes
+    lo_ops.load_small_fc_lopt_network(None)[0].save_pretrained(tmp_path / "s")
+    modes = {f.name: stat.S_IMODE(os.stat(f).st_mode) for f in (tmp_path / "s").iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"], modes

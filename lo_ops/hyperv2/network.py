@@ -42,7 +42,7 @@ from .._layout import (
     VELO_STEP_MULT,
     HyperV2Config,
 )
-from .._loading import REPO_ID, load_strict, resolve_directory
+from .._loading import REPO_ID, load_strict, readable_like_other_files, resolve_directory
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +206,10 @@ class HyperV2Network(
 
     def load_strict(self, tensors: Mapping[str, torch.Tensor], source: str) -> None:
         load_strict(self, tensors, f"{_NAMES[self.architecture]} weights in {source}")
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        super()._save_pretrained(save_directory)
+        readable_like_other_files(Path(save_directory) / "model.safetensors")
 
     @classmethod
     def _from_pretrained(cls, *, model_id, revision=None, cache_dir=None, force_download=False,

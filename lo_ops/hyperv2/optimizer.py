@@ -221,6 +221,13 @@ class HyperV2Optimizer(LearnedOptimizer):
                 raise ValueError(f"{name}: the loss must be real, got {loss.dtype}")
             return loss.detach().reshape(()).to(device=self._device, dtype=torch.float32)
         if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+            if torch.compiler.is_compiling():
+                # A Python number is a constant of the compiled graph: one recompile per value.
+                raise TypeError(
+                    f"{name}: a compiled step needs the loss as a 0-d tensor (e.g. "
+                    "step(loss=loss.detach())), not a Python number, whose every value would "
+                    "compile a new graph"
+                )
             return torch.tensor(float(loss), dtype=torch.float32, device=self._device)
         raise TypeError(f"{name}: the loss must be a scalar tensor or a number, got {type(loss).__name__}")
 
