@@ -78,6 +78,13 @@ class LearnedOptimizer(Optimizer):
             self._fused_for(_distributed.local(p).device)
         place_lr(group)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but the hooks (which torch.optim leaves out too). torch.optim keeps only
+        ``defaults``, ``state`` and ``param_groups``; a learned optimizer also needs its network,
+        constants, kernel choices and global state, so a ``copy.deepcopy`` or a pickled copy
+        steps exactly like the original."""
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
+
     def _local_slots(self, lists: list[list[Tensor]]) -> list[Slot]:
         """Reference slots of the local parts of the ops' lists (see _distributed.local_slots)."""
         return _distributed.local_slots(lists, [self._geometry[p] for p in lists[0]])
@@ -107,6 +114,9 @@ class LearnedOptimizer(Optimizer):
                     f"load_state_dict: state of parameter {pid} has keys {sorted(got)}, but a "
                     f"parameter of shape {tuple(p.shape)} needs {sorted(expected)}"
                 )
+            # A scalar entry (a step count) may be a Python number, as torch.optim accepts.
+            got = {key: (torch.tensor(float(v)) if expected.get(key) == () and isinstance(v, (int, float))
+                         and not isinstance(v, bool) else v) for key, v in got.items()}
             for key, shape in expected.items():
                 check_state_tensor(got[key], shape, f"state[{key!r}] of parameter {pid}")
             restored[p] = {
