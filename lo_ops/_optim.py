@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -85,6 +86,13 @@ class LearnedOptimizer(Optimizer):
         steps exactly like the original."""
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._register_own_hooks()  # the copy starts without hooks, as in torch.optim
+
+    def _register_own_hooks(self) -> None:
+        """Registers the hooks the optimizer itself needs (at construction and on copies)."""
+
     def _local_slots(self, lists: list[list[Tensor]]) -> list[Slot]:
         """Reference slots of the local parts of the ops' lists (see _distributed.local_slots)."""
         return _distributed.local_slots(lists, [self._geometry[p] for p in lists[0]])
@@ -94,6 +102,20 @@ class LearnedOptimizer(Optimizer):
         raise NotImplementedError
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch.optim's, with the load_state_dict pre-hooks run first, so that they see (and
+        may repair) the state dict before lo_ops checks it; then ``_load_state_dict``."""
+        hooks = self._optimizer_load_state_dict_pre_hooks
+        for hook in hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()  # run above, once
+        try:
+            self._load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = hooks
+
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # torch.optim casts floating state to the parameter dtype; ours stays float32. The
         # saved state is checked before anything is replaced, so a bad state dict changes nothing.
         saved_groups = state_dict["param_groups"]

@@ -84,3 +84,32 @@ def test_numeric_step_counts_load():
     resumed.step()
     for a, b in zip(params, resumed_params):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["velo", "celo", "celo_adam"])
+def test_state_dict_hooks_see_and_may_change_the_global_state(kind):
+    params = make_params([(7, 5), (5,)], non_contiguous=False)
+    opt = _make(kind, params)
+    for k in range(2):
+        set_grads([params], k)
+        _step(kind, opt, k)
+    seen = {}
+
+    def post_hook(optimizer, state_dict):
+        seen["entry"] = dict(state_dict[kind])
+
+    opt.register_state_dict_post_hook(post_hook)
+    sd = opt.state_dict()
+    assert seen["entry"]["num_steps"] == 20 and seen["entry"]["iteration"].item() == 2
+
+    def pre_hook(optimizer, state_dict):  # a pre-hook may repair the state dict before it is checked
+        entry = dict(state_dict[kind], iteration=torch.tensor(7.0))
+        return dict(state_dict, **{kind: entry, "state": {i: {k: v for k, v in s.items() if k != "iteration"}
+                                                          for i, s in state_dict["state"].items()}})
+
+    resumed = _make(kind, clone_params(params))
+    resumed.register_load_state_dict_pre_hook(pre_hook)
+    resumed.load_state_dict(sd)
+    assert resumed.global_state["iteration"].item() == 7
+    # and a copy keeps the optimizer's own hook (its state dict has the entry)
+    assert kind in copy.deepcopy(opt).state_dict()

@@ -110,6 +110,7 @@ class HyperV2Optimizer(LearnedOptimizer):
         constants = dict(num_steps=num_steps, pretrained=pretrained, step_mult=step_mult, exp_mult=exp_mult,
                          revision=revision, all_reduce_loss=all_reduce_loss, partitioned=partitioned)
         super().__init__(params, defaults, fused, constants)
+        self._register_own_hooks()
         if partitioned is not False:
             self._partition_group = torch.distributed.group.WORLD if partitioned is True else partitioned
             if self._device is None:  # an empty partition still joins every step's collectives
@@ -342,16 +343,20 @@ class HyperV2Optimizer(LearnedOptimizer):
         return finite, new_hidden, new_cell
 
     # -- state_dict ------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """torch.optim's layout: per-parameter state (accumulators, and the global state, which
-        every parameter shares), plus the architecture's entry ("velo", "celo", "celo_adam"):
-        the global state once more and the horizon."""
-        out = super().state_dict()
-        out[self.architecture] = {k: v.detach().clone() for k, v in self.global_state.items()}
-        out[self.architecture]["num_steps"] = self.num_steps
-        return out
+    def _register_own_hooks(self) -> None:
+        self.register_state_dict_post_hook(HyperV2Optimizer._add_global_state, prepend=True)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    @staticmethod
+    def _add_global_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """A state_dict post-hook, first of all: torch.optim's layout (per-parameter state,
+        which holds the global state too) plus the architecture's entry ("velo", "celo",
+        "celo_adam"): the global state once more and the horizon. Hooks registered by the
+        user run after it and see (and may change) that entry."""
+        state_dict[self.architecture] = {k: v.detach().clone() for k, v in self.global_state.items()}
+        state_dict[self.architecture]["num_steps"] = self.num_steps
+        return state_dict
+
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Takes this optimizer's state dicts, with or without the architecture's entry
         (distributed checkpoints keep only ``state`` and ``param_groups``; the global state is
         in every parameter's state too)."""
@@ -381,7 +386,7 @@ class HyperV2Optimizer(LearnedOptimizer):
         # State saved before the global state was kept per parameter gets it from the entry.
         state = {i: ({**{k: source[k] for k in shapes}, **s} if s else s)
                  for i, s in state_dict["state"].items()}
-        super().load_state_dict({"state": state, "param_groups": state_dict["param_groups"]})
+        super()._load_state_dict({"state": state, "param_groups": state_dict["param_groups"]})
         if self._device is not None:
             self._adopt_global_state(source)
 
