@@ -83,6 +83,15 @@ def resolve_directory(source: str, *, revision=None, cache_dir=None, token=None,
     return directory
 
 
+class ReadableSaves:
+    """Mixed in before ``PyTorchModelHubMixin``: ``save_pretrained`` leaves model.safetensors
+    readable like the checkpoint's other files."""
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        super()._save_pretrained(save_directory)
+        readable_like_other_files(Path(save_directory) / "model.safetensors")
+
+
 def readable_like_other_files(path: Path) -> None:
     """Gives ``path`` the mode a newly created file gets under the process's umask (safetensors
     writes its files 0600, unlike every other file of a checkpoint directory)."""

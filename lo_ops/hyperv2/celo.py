@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import _distributed
+from .. import _reference as shared
 from .._layout import (
     CELO_ADAM_EPSILON,
     CELO_LSTM_HIDDEN,
@@ -52,11 +53,18 @@ class _CeloBase(HyperV2Optimizer):
         gs["lstm_hidden"].copy_(torch.where(skip, gs["lstm_hidden"], hidden[0]))
         gs["lstm_cell"].copy_(torch.where(skip, gs["lstm_cell"], cell[0]))
 
-    def _sparse_error(self, i: int, p: Tensor) -> RuntimeError:
-        return RuntimeError(
-            f"{type(self).__name__} does not support sparse gradients (parameter {i} of its param "
-            f"group, shape {tuple(p.shape)}); use a dense gradient"
-        )
+    def _stepped(self, group):
+        """``(i, p, state)`` of the group's parameters this step updates: those with a (dense)
+        gradient and at least one element."""
+        for i, p in enumerate(group["params"]):
+            if p.grad is None or p.numel() == 0:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    f"{type(self).__name__} does not support sparse gradients (parameter {i} of its "
+                    f"param group, shape {tuple(p.shape)}); use a dense gradient"
+                )
+            yield i, p, self._ensure_state(p)
 
     def _finite(self, loss_t: Tensor, grad_lists: list[list[Tensor]]) -> Tensor:
         """Whether the loss and every gradient element are finite, without a host sync. Whole
@@ -119,12 +127,7 @@ class Celo(_CeloBase):
         buckets = []
         for group in self.param_groups:
             lists = [[] for _ in range(7)]
-            for i, p in enumerate(group["params"]):
-                if p.grad is None or p.numel() == 0:
-                    continue
-                if p.grad.is_sparse:
-                    raise self._sparse_error(i, p)
-                state = self._ensure_state(p)
+            for i, p, state in self._stepped(group):
                 for k, t in enumerate((p, p.grad, state["momentum"], state["rms"])):
                     lists[k].append(t)
                 if p.dim() >= 2:
@@ -172,8 +175,6 @@ class Celo(_CeloBase):
         g32s = [s.g32(clip=VELO_GRAD_CLIP) for s in slots]
         p32s = [s.p32() for s in slots]
         decays = [self._velo_decays] * len(slots)
-        from .. import _reference as shared
-
         bad = [((~torch.isfinite(s.g)).sum().double()[None], s.geo.all_groups()) for s in slots]
         first = reduce(shared.gsq_phase(slots, g32s) + bad)
         n_gsq = len(first) - len(slots)
@@ -229,12 +230,7 @@ class CeloAdam(_CeloBase):
         buckets = []
         for group in self.param_groups:
             by_dtype: dict[Any, list[list[Tensor]]] = {}
-            for i, p in enumerate(group["params"]):
-                if p.grad is None or p.numel() == 0:
-                    continue
-                if p.grad.is_sparse:
-                    raise self._sparse_error(i, p)
-                state = self._ensure_state(p)
+            for i, p, state in self._stepped(group):
                 lists = by_dtype.setdefault(p.dtype, [[], [], [], []])
                 g = p.grad
                 if _distributed.is_dtensor(p):

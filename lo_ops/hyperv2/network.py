@@ -42,7 +42,7 @@ from .._layout import (
     VELO_STEP_MULT,
     HyperV2Config,
 )
-from .._loading import REPO_ID, load_strict, readable_like_other_files, resolve_directory
+from .._loading import REPO_ID, ReadableSaves, load_strict, resolve_directory
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +121,7 @@ _MSGPACK_DTYPES = {
 
 
 class HyperV2Network(
+    ReadableSaves,
     nn.Module,
     PyTorchModelHubMixin,
     library_name="lo_ops",
@@ -206,10 +207,6 @@ class HyperV2Network(
 
     def load_strict(self, tensors: Mapping[str, torch.Tensor], source: str) -> None:
         load_strict(self, tensors, f"{_NAMES[self.architecture]} weights in {source}")
-
-    def _save_pretrained(self, save_directory: Path) -> None:
-        super()._save_pretrained(save_directory)
-        readable_like_other_files(Path(save_directory) / "model.safetensors")
 
     @classmethod
     def _from_pretrained(cls, *, model_id, revision=None, cache_dir=None, force_download=False,

@@ -32,7 +32,7 @@ from .._layout import (
     TIME_SCALES,
     pack_weights,
 )
-from .._loading import REPO_ID, load_strict, readable_like_other_files, resolve_directory
+from .._loading import REPO_ID, ReadableSaves, load_strict, resolve_directory
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ def check_decay_offsets(offsets: Mapping[str, Sequence[float]], what: str = "dec
 
 
 class SmallFCLOptNetwork(
+    ReadableSaves,
     nn.Module,
     PyTorchModelHubMixin,
     library_name="lo_ops",
@@ -129,10 +130,6 @@ class SmallFCLOptNetwork(
     def load_strict(self, tensors: Mapping[str, torch.Tensor], source: str) -> None:
         """Loads ``tensors`` after checking keys and shapes exactly; errors name ``source``."""
         load_strict(self, tensors, f"small_fc_lopt weights in {source}")
-
-    def _save_pretrained(self, save_directory: Path) -> None:
-        super()._save_pretrained(save_directory)
-        readable_like_other_files(Path(save_directory) / "model.safetensors")
 
     @classmethod
     def _from_pretrained(cls, *, model_id, revision=None, cache_dir=None, force_download=False,
