@@ -21,12 +21,15 @@ TORCH_LIBRARY(lo_ops, m) {
   // with ndim < 2 (in order) fac_diag [3, *S]. state_steps (float32, one element each) count
   // the steps taken and are incremented. lr is a one-element tensor on the parameters'
   // device; meta_weights is the packed 39-32-32-2 network ([P], or [T, P]: one per tensor);
-  // decays the 7 effective decays ([7], or [T, 7]).
+  // decays the 7 effective decays ([7], or [T, 7]). Without skip, the op checks the gradients
+  // itself (in its first read of them) and, when any holds a NaN or an infinity, changes
+  // nothing and counts no step; with skip (a bool scalar, the caller's check of a whole step
+  // that spans several calls), it does the same when skip is true.
   m.def(
       "small_fc_lopt_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum, "
       "Tensor(c!)[] rms, Tensor(d!)[] fac_row, Tensor(e!)[] fac_col, Tensor(f!)[] fac_diag, "
       "Tensor(g!)[] state_steps, Tensor lr, Tensor meta_weights, Tensor decays, "
-      "float weight_decay, float step_mult, float exp_mult) -> ()");
+      "float weight_decay, float step_mult, float exp_mult, Tensor? skip=None) -> ()");
 
   // VeLO's per-tensor LSTM input (spec 3.2) for the tensors of one (device, dtype) bucket, read
   // before the step: returns X [T, 30] (float32; the time features from iteration / num_steps,
@@ -80,23 +83,24 @@ TORCH_LIBRARY(lo_ops, m) {
       "Tensor[] gsq_sums, Tensor decays, Tensor? skip, int[] global_geometry) -> Tensor");
 
   // Phase 3: momentum, rms and fac_diag updated in place; returns [T, 28] (small_fc_lopt) or
-  // [T, 30] (VeLO, nothing changed and zeros when skip) sums of squares of each feature channel
-  // over the shard, from the complete phase-2 row sums.
+  // [T, 30] (VeLO) sums of squares of each feature channel over the shard, from the complete
+  // phase-2 row sums. When skip is true, nothing is changed and the sums are zeros.
   m.def(
       "small_fc_lopt_feature_sums_(Tensor[] params, Tensor[] grads, Tensor(a!)[] momentum, "
       "Tensor(b!)[] rms, Tensor[] fac_row, Tensor[] fac_col, Tensor(c!)[] fac_diag, "
-      "Tensor[] row_sums, Tensor decays, int[] global_geometry) -> Tensor");
+      "Tensor[] row_sums, Tensor decays, Tensor? skip, int[] global_geometry) -> Tensor");
   m.def(
       "velo_feature_sums_(Tensor[] params, Tensor[] grads, Tensor(a!)[] momentum, "
       "Tensor(b!)[] rms, Tensor[] fac_row, Tensor[] fac_col, Tensor(c!)[] fac_diag, "
       "Tensor[] row_sums, Tensor skip, int[] global_geometry) -> Tensor");
 
   // Phase 4: the update of the parameters from the complete feature sums ([T, F]), as
-  // small_fc_lopt_step_ / velo_step_ do it for whole tensors.
+  // small_fc_lopt_step_ / velo_step_ do it for whole tensors (the step counted). When skip is
+  // true, nothing is changed (and nothing counted).
   m.def(
       "small_fc_lopt_apply_(Tensor(a!)[] params, Tensor[] grads, Tensor[] momentum, "
       "Tensor[] rms, Tensor[] fac_row, Tensor[] fac_col, Tensor[] fac_diag, "
-      "Tensor(b!)[] state_steps, Tensor lr, Tensor meta_weights, Tensor decays, "
+      "Tensor(b!)[] state_steps, Tensor lr, Tensor meta_weights, Tensor decays, Tensor? skip, "
       "Tensor[] row_sums, Tensor feature_sums, int[] global_geometry, float weight_decay, "
       "float step_mult, float exp_mult) -> ()");
   m.def(

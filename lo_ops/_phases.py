@@ -103,6 +103,29 @@ def factored_update(b: Bucket, gsq: list[Tensor], decays: Tensor, skip: Tensor |
             for r, shape, s in zip(rows, shapes, (s for s in b.slots if s.geo.factored))]
 
 
+def nonfinite_flags(grads: list[Tensor]) -> Tensor:
+    """Per tensor, 1.0 where it holds a non-finite element (float64 ``[T]``): one fused
+    max-norm over the non-empty ones, no host sync."""
+    out = torch.zeros(len(grads), dtype=torch.float64, device=grads[0].device if grads else None)
+    nonempty = [i for i, g in enumerate(grads) if g.numel() > 0]
+    if nonempty:
+        norms = torch.stack(torch._foreach_norm([grads[i] for i in nonempty], float("inf"), dtype=torch.float32))
+        out[nonempty] = (~torch.isfinite(norms)).double()
+    return out
+
+
+def nonfinite_found(grad_lists: list[list[Tensor]]) -> Tensor:
+    """Whether any element of any gradient is NaN or infinite: a bool scalar on the first
+    gradient's device from one fused read-only max-norm per list (``nonfinite_flags``), with no
+    host sync."""
+    device = next(g.device for grads in grad_lists for g in grads)
+    found = torch.zeros((), dtype=torch.bool, device=device)
+    for grads in grad_lists:
+        if grads:
+            found = found | (nonfinite_flags(grads).sum() > 0).to(device, non_blocking=True)
+    return found
+
+
 def per_tensor(sums: Tensor, b: Bucket) -> list[PartialSum]:
     """Rows of a [T, k] tensor of per-tensor sums, each summed over its whole tensor."""
     return [(row, s.geo.all_groups()) for row, s in zip(sums.unbind(0), b.slots)]
@@ -110,23 +133,32 @@ def per_tensor(sums: Tensor, b: Bucket) -> list[PartialSum]:
 
 def small_fc_lopt_step(slots: list[Slot], steps: list[Tensor], *, groups: list[int], lrs: list[Tensor],
                        weight_decays: list[float], weights: Tensor, decays: Tensor, step_mult: float,
-                       exp_mult: float, reduce: Reduce) -> None:
+                       exp_mult: float, reduce: Reduce, skip: Tensor | None = None) -> Tensor:
     """One small_fc_lopt step of ``slots`` with the fused phase ops; slot i belongs to param
     group ``groups[i]``, whose lr and weight decay are ``lrs[g]`` and ``weight_decays[g]``.
-    Three rounds of sums for all groups together."""
+    Three rounds of sums for all groups together. A NaN or an infinity in any shard, or
+    ``skip`` true, skips the step on every rank; returns that decision (true: skipped)."""
     buckets = buckets_of(slots, key=lambda i: groups[i])
     geometry_counts = [2 * len(b.factored) for b in buckets]
-    gsq = split(reduce([x for b in buckets for x in gsq_sums(b, 0.0)]), geometry_counts)
+    gsq = [x for b in buckets for x in gsq_sums(b, 0.0)]
+    # Each tensor's non-finite flag rides in the first round: a NaN or an infinity in any shard
+    # of any gradient skips the step on every rank.
+    flags = [x for b in buckets for x in per_tensor(nonfinite_flags(b.grads)[:, None], b)]
+    first = reduce(gsq + flags)
+    found = torch.cat(first[len(gsq):]).sum() > 0
+    skip = found if skip is None else found | skip
+    gsq = split(first[:len(gsq)], geometry_counts)
     row_counts = [len(b.factored) for b in buckets]
-    rows = split(reduce([x for b, g in zip(buckets, gsq) for x in factored_update(b, g, decays, None)]), row_counts)
+    rows = split(reduce([x for b, g in zip(buckets, gsq) for x in factored_update(b, g, decays, skip)]), row_counts)
     partial = []
     for b, r in zip(buckets, rows):
         momentum, rms, fac_row, fac_col, fac_diag = b.accumulators
         partial += per_tensor(torch.ops.lo_ops.small_fc_lopt_feature_sums_(
-            b.params, b.grads, momentum, rms, fac_row, fac_col, fac_diag, r, decays, b.geometry), b)
+            b.params, b.grads, momentum, rms, fac_row, fac_col, fac_diag, r, decays, skip, b.geometry), b)
     features = split(reduce(partial), [len(b.slots) for b in buckets])
     for b, r, f in zip(buckets, rows, features):
         g = groups[b.index[0]]
         torch.ops.lo_ops.small_fc_lopt_apply_(
-            b.params, b.grads, *b.accumulators, [steps[i] for i in b.index], lrs[g], weights, decays, r,
+            b.params, b.grads, *b.accumulators, [steps[i] for i in b.index], lrs[g], weights, decays, skip, r,
             torch.stack(f), b.geometry, weight_decays[g], step_mult, exp_mult)
+    return skip

@@ -253,3 +253,14 @@ def feature_phase(slots: list[Slot], g32s: list[Tensor], decays: list[Tensor], r
         accs.append(acc)
         partial.append(feature_sums(feature_fn(i, g32s[i], acc), s.geo))
     return accs, partial
+
+
+def slot_tensors(slots: list[Slot]) -> list[Tensor]:
+    """Everything a step may change: parameters and state."""
+    return [t for s in slots for t in (s.p, s.momentum, s.rms, s.row, s.col, s.diag) if t is not None]
+
+
+def keep_if(skip: Tensor, tensors: list[Tensor], saved: list[Tensor]) -> None:
+    """Where ``skip`` (a bool scalar) is true, ``tensors`` get ``saved`` back (no host sync)."""
+    for t, old in zip(tensors, saved):
+        t.copy_(torch.where(skip, old, t))

@@ -55,8 +55,9 @@ def _check_state(t, name, i, p, expected, op="small_fc_lopt_step_"):
 @torch.library.register_fake("lo_ops::small_fc_lopt_step_")
 def small_fc_lopt_step_fake(
     params, grads, momentum, rms, fac_row, fac_col, fac_diag, state_steps, lr, meta_weights,
-    decays, weight_decay, step_mult, exp_mult,
+    decays, weight_decay, step_mult, exp_mult, skip=None,
 ):
+    _check_skip("small_fc_lopt_step_", skip)
     n = len(params)
     torch._check(
         len(grads) == n and len(momentum) == n and len(rms) == n and len(state_steps) == n,
@@ -176,10 +177,7 @@ def velo_step_fake(params, grads, momentum, rms, fac_row, fac_col, fac_diag, lr,
         lr_mult.dtype == torch.float32 and lr_mult.shape == (n,),
         lambda: f"{op}: lr_mult must be float32 [{n}]",
     )
-    torch._check(
-        skip.dtype == torch.bool and skip.numel() == 1,
-        lambda: f"{op}: skip must be a bool tensor with one element",
-    )
+    _check_skip(op, skip)
     fi = di = 0
     for i, p in enumerate(params):
         shapes = state_shapes(p.shape)
@@ -291,7 +289,8 @@ def _feature_sums_fake(op, features, params, grads, momentum, rms, fac_row, fac_
 
 @torch.library.register_fake("lo_ops::small_fc_lopt_feature_sums_")
 def small_fc_lopt_feature_sums_fake(params, grads, momentum, rms, fac_row, fac_col, fac_diag, row_sums, decays,
-                                    global_geometry):
+                                    skip, global_geometry):
+    _check_skip("small_fc_lopt_feature_sums_", skip)
     out = _feature_sums_fake("small_fc_lopt_feature_sums_", SMALL_FC_LOPT_FEATURES, params, grads, momentum,
                              rms, fac_row, fac_col, fac_diag, row_sums, global_geometry)
     return out if out is not None else decays.new_empty((0, SMALL_FC_LOPT_FEATURES), dtype=torch.float64)
@@ -300,11 +299,16 @@ def small_fc_lopt_feature_sums_fake(params, grads, momentum, rms, fac_row, fac_c
 @torch.library.register_fake("lo_ops::velo_feature_sums_")
 def velo_feature_sums_fake(params, grads, momentum, rms, fac_row, fac_col, fac_diag, row_sums, skip,
                            global_geometry):
-    torch._check(skip.dtype == torch.bool and skip.numel() == 1,
-                 lambda: "velo_feature_sums_: skip must be a bool tensor with one element")
+    _check_skip("velo_feature_sums_", skip)
     out = _feature_sums_fake("velo_feature_sums_", VELO_NUM_FEATURES, params, grads, momentum, rms, fac_row,
                              fac_col, fac_diag, row_sums, global_geometry)
     return out if out is not None else skip.new_empty((0, VELO_NUM_FEATURES), dtype=torch.float64)
+
+
+def _check_skip(op, skip):
+    if skip is not None:
+        torch._check(skip.dtype == torch.bool and skip.numel() == 1,
+                     lambda: f"{op}: skip must be a bool tensor with one element")
 
 
 def _check_feature_sums(op, feature_sums, n, features):
@@ -317,9 +321,10 @@ def _check_feature_sums(op, feature_sums, n, features):
 
 @torch.library.register_fake("lo_ops::small_fc_lopt_apply_")
 def small_fc_lopt_apply_fake(params, grads, momentum, rms, fac_row, fac_col, fac_diag, state_steps, lr,
-                             meta_weights, decays, row_sums, feature_sums, global_geometry, weight_decay,
-                             step_mult, exp_mult):
+                             meta_weights, decays, skip, row_sums, feature_sums, global_geometry,
+                             weight_decay, step_mult, exp_mult):
     op = "small_fc_lopt_apply_"
+    _check_skip(op, skip)
     axes = _phase_axes(op, params, global_geometry)
     _check_phase_state(op, params, grads, momentum, rms, fac_row, fac_col, fac_diag, axes)
     torch._check(len(state_steps) == len(params), lambda: f"{op}: state_steps needs one entry per parameter")
@@ -339,7 +344,7 @@ def velo_apply_fake(params, grads, momentum, rms, fac_row, fac_col, fac_diag, lr
         lambda: f"{op}: mlp_weights must be float32 [{n}, {VELO_MLP_NUMEL}]",
     )
     torch._check(lr_mult.dtype == torch.float32 and lr_mult.shape == (n,), lambda: f"{op}: lr_mult must be float32 [{n}]")
-    torch._check(skip.dtype == torch.bool and skip.numel() == 1, lambda: f"{op}: skip must be a bool tensor with one element")
+    _check_skip(op, skip)
     _check_row_sums(op, row_sums, params, axes)
     _check_feature_sums(op, feature_sums, n, VELO_NUM_FEATURES)
 
@@ -387,7 +392,7 @@ def celo_adam_step_fake(params, grads, exp_avg, exp_avg_sq, lr, lr_mult, iterati
     torch._check(lr_mult.dtype == torch.float32 and lr_mult.shape == (n,), lambda: f"{op}: lr_mult must be float32 [{n}]")
     torch._check(iteration.numel() == 1 and iteration.dtype == torch.float32,
                  lambda: f"{op}: iteration must be a float32 tensor with one element")
-    torch._check(skip.dtype == torch.bool and skip.numel() == 1, lambda: f"{op}: skip must be a bool tensor with one element")
+    _check_skip(op, skip)
     for i, (p, g) in enumerate(zip(params, grads)):
         torch._check(p.is_floating_point() and p.dtype == params[0].dtype,
                      lambda: f"{op}: params[{i}] must be {params[0].dtype}")

@@ -416,7 +416,7 @@ def test_phase_ops_match_the_cpu_phase_ops():
         bk = _phases.Bucket(b.index, reference.slots_of(*work))
         gsq = [t for t, _ in _phases.gsq_sums(bk, 1000.0)]
         rows = [t for t, _ in _phases.factored_update(bk, gsq, decays, None)]
-        feats = torch.ops.lo_ops.small_fc_lopt_feature_sums_(*work, rows, decays, bk.geometry)
+        feats = torch.ops.lo_ops.small_fc_lopt_feature_sums_(*work, rows, decays, None, bk.geometry)
         m = torch.ops.lo_ops.velo_lstm_moments(*work[:4], None)
         return gsq, rows, feats, m, work
 

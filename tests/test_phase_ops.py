@@ -125,7 +125,7 @@ def test_shards_without_elements_add_nothing():
     geometry = [1, 0, 5, 3, 15, 0, 1, 5, 3, 15, -1, -1, 1, 1, 4]
     rows = [torch.zeros(3, dtype=torch.float64, device=DEVICE)] * 2
     for _ in range(3):
-        sums = ops.small_fc_lopt_feature_sums_(*lists, rows, _decays(), geometry)
+        sums = ops.small_fc_lopt_feature_sums_(*lists, rows, _decays(), None, geometry)
         assert torch.equal(sums, torch.zeros_like(sums))
         sums = ops.velo_feature_sums_(*lists, rows, _t(False), geometry)
         assert torch.equal(sums, torch.zeros_like(sums))
@@ -195,9 +195,9 @@ def _sharded_small_fc_lopt(shards, geos, steps, weights, decays, lr):
     gsq = _sum_across([_phases.gsq_sums(b, 0.0) for b in buckets])
     rows = _sum_across([_phases.factored_update(b, g, decays, None) for b, g in zip(buckets, gsq)])
     feats = _sum_across([_phases.per_tensor(ops.small_fc_lopt_feature_sums_(
-        b.params, b.grads, *b.accumulators, r, decays, b.geometry), b) for b, r in zip(buckets, rows)])
+        b.params, b.grads, *b.accumulators, r, decays, None, b.geometry), b) for b, r in zip(buckets, rows)])
     for b, r, f, st in zip(buckets, rows, feats, steps):
-        ops.small_fc_lopt_apply_(b.params, b.grads, *b.accumulators, st, lr, weights, decays, r, torch.stack(f),
+        ops.small_fc_lopt_apply_(b.params, b.grads, *b.accumulators, st, lr, weights, decays, None, r, torch.stack(f),
                                  b.geometry, 0.01, 0.001, 0.5)
 
 
@@ -302,7 +302,7 @@ def _phase_args(shapes, dtype):
     decays = effective_decays(_ZERO_OFFSETS)
     gsq = [t.clone() for t, _ in _phases.gsq_sums(b, 0.0)] if shapes else []
     rows = [t.clone() for t, _ in _phases.factored_update(b, gsq, decays, None)] if shapes else []
-    features = ops.small_fc_lopt_feature_sums_(*lists, rows, decays, geometry) if shapes else \
+    features = ops.small_fc_lopt_feature_sums_(*lists, rows, decays, None, geometry) if shapes else \
         torch.zeros(0, 28, dtype=torch.float64)
     return lists, geometry, decays, gsq, rows, features
 
@@ -319,9 +319,9 @@ def test_opcheck(case):
         torch.library.opcheck(ops.factored_gsq_sums.default, (lists[1], geometry, 0.0))
         torch.library.opcheck(ops.velo_lstm_moments.default, (*lists[:4], None))
     torch.library.opcheck(ops.factored_update_.default, (lists[0], lists[4], lists[5], gsq, decays, skip, geometry))
-    torch.library.opcheck(ops.small_fc_lopt_feature_sums_.default, (*lists, rows, decays, geometry))
+    torch.library.opcheck(ops.small_fc_lopt_feature_sums_.default, (*lists, rows, decays, skip, geometry))
     torch.library.opcheck(ops.small_fc_lopt_apply_.default,
-                          (*lists, [torch.tensor(2.0) for _ in shapes], lr, _network(), decays, rows, features,
+                          (*lists, [torch.tensor(2.0) for _ in shapes], lr, _network(), decays, skip, rows, features,
                            geometry, 0.01, 0.001, 0.5))
     velo_features = torch.rand(n, 30, dtype=torch.float64)
     torch.library.opcheck(ops.velo_feature_sums_.default, (*lists, rows, skip, geometry))
@@ -352,7 +352,7 @@ def test_bad_global_geometry_is_refused():
     decays = effective_decays(_ZERO_OFFSETS)
     with pytest.raises(RuntimeError, match="small_fc_lopt_feature_sums_: row_sums\\[0\\] must be a contiguous "
                                            "float64 tensor of shape \\[3\\]"):
-        ops.small_fc_lopt_feature_sums_(*lists, [torch.zeros(3)], decays, ok)
+        ops.small_fc_lopt_feature_sums_(*lists, [torch.zeros(3)], decays, None, ok)
     with pytest.raises(RuntimeError, match="factored_update_: gsq_sums needs 2 entries per tensor"):
         ops.factored_update_(lists[0], lists[4], lists[5], [], decays, None, ok)
     with pytest.raises(RuntimeError, match="velo_lstm_moments: momentum_means must be a contiguous float64"):

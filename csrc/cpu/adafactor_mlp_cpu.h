@@ -936,37 +936,60 @@ void update_pass(std::vector<TensorWork<P>>& work, const std::vector<Chunk>& chu
   });
 }
 
-// One step over a bucket of whole tensors: `work` filled by prepare_work, with `weights` (and
-// P's per-tensor values) set for every tensor.
+// Whether any gradient of the bucket holds a NaN or an infinity: one read of every gradient,
+// parallel over the chunks of passes 2 and 3 (x * 0 is 0 exactly when x is finite; the
+// integer OR over a chunk vectorises).
 template <class P, typename scalar_t>
-void step_bucket(std::vector<TensorWork<P>>& work, float lr,
-                 double weight_decay, double step_mult, double exp_mult) {
+bool any_nonfinite(const std::vector<TensorWork<P>>& work, const std::vector<Chunk>& chunks) {
+  std::vector<uint8_t> bad(chunks.size(), 0);
+  parallel_items(static_cast<int64_t>(chunks.size()),
+                 [&](int64_t i) { return chunk_cost(chunks[i]) / 8; }, [&](int64_t i) {
+    const Chunk& c = chunks[i];
+    const scalar_t* g = work[c.tensor].g.template data_ptr<scalar_t>();
+    int found = 0;
+    for (int64_t e = c.e0; e < c.e1; ++e) found |= !(static_cast<float>(g[e]) * 0.f == 0.f);
+    bad[i] = static_cast<uint8_t>(found);
+  });
+  return std::any_of(bad.begin(), bad.end(), [](uint8_t b) { return b != 0; });
+}
+
+// One step over a bucket of whole tensors: `work` filled by prepare_work, with `weights` (and
+// P's per-tensor values) set for every tensor. With `check_finite`, a bucket whose gradients
+// hold a NaN or an infinity is left entirely unchanged; returns whether the step was taken.
+template <class P, typename scalar_t>
+bool step_bucket(std::vector<TensorWork<P>>& work, float lr, double weight_decay,
+                 double step_mult, double exp_mult, bool check_finite) {
   const CpuIsa isa = select_isa();
-  factored_pass<P, scalar_t>(work, isa);
   const std::vector<Chunk> chunks = make_chunks(work);
+  if (check_finite && any_nonfinite<P, scalar_t>(work, chunks)) return false;
+  factored_pass<P, scalar_t>(work, isa);
   std::vector<double> sums = element_pass<P, scalar_t>(work, chunks, isa);
   update_pass<P, scalar_t>(work, chunks, isa, sums.data(), true, lr, weight_decay, step_mult,
                            exp_mult);
+  return true;
 }
 
 // One op call over a bucket: its work list, setup(i, work[i]) for P's per-tensor values
 // (weights, decays, step count, lr_mult), the passes, and the write-back of non-contiguous
-// parameters.
+// parameters. Returns whether the step was taken (see step_bucket's `check_finite`).
 template <class P, typename Setup>
-void run_bucket(const std::vector<TensorInfo>& infos, at::TensorList params,
+bool run_bucket(const std::vector<TensorInfo>& infos, at::TensorList params,
                 at::TensorList grads, at::TensorList momentum, at::TensorList rms,
                 at::TensorList fac_row, at::TensorList fac_col, at::TensorList fac_diag,
                 const at::Tensor& lr, double weight_decay,
-                double step_mult, double exp_mult, Setup setup) {
+                double step_mult, double exp_mult, bool check_finite, Setup setup) {
   const float lr_value = lr.item<float>();
   std::vector<TensorWork<P>> work;
   const at::Tensor scratch =
       prepare_work(work, infos, params, grads, momentum, rms, fac_row, fac_col, fac_diag);
   for (size_t i = 0; i < params.size(); ++i) setup(i, work[i]);
+  bool stepped = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "lo_ops_cpu", [&] {
-    step_bucket<P, scalar_t>(work, lr_value, weight_decay, step_mult, exp_mult);
+    stepped = step_bucket<P, scalar_t>(work, lr_value, weight_decay, step_mult, exp_mult,
+                                       check_finite);
   });
-  finish_work(work, params);
+  if (stepped) finish_work(work, params);
+  return stepped;
 }
 
 }  // namespace cpu

@@ -225,12 +225,15 @@ at::Tensor small_fc_lopt_feature_sums_cpu(at::TensorList params, at::TensorList 
                                           at::TensorList fac_row, at::TensorList fac_col,
                                           at::TensorList fac_diag, at::TensorList row_sums,
                                           const at::Tensor& decays,
+                                          const c10::optional<at::Tensor>& skip,
                                           c10::IntArrayRef global_geometry) {
   constexpr const char* op = "small_fc_lopt_feature_sums_";
   const auto infos = check_accumulator_inputs(op, params, grads, momentum, rms, fac_row, fac_col,
                                               fac_diag, global_geometry);
   const int64_t T = static_cast<int64_t>(params.size());
-  if (T == 0) return at::zeros({0, small_fc_lopt::kFeatures}, decays.options().dtype(at::kDouble));
+  if (skip.has_value()) check_skip(op, *skip, T > 0 ? params[0].device() : skip->device());
+  if (T == 0 || (skip.has_value() && *skip->data_ptr<bool>()))
+    return at::zeros({T, small_fc_lopt::kFeatures}, decays.options().dtype(at::kDouble));
   check_decays(op, decays, T, params[0].device());
   check_row_sums(op, row_sums, infos, params);
   const float* d = decays.data_ptr<float>();
@@ -244,15 +247,17 @@ void small_fc_lopt_apply_cpu(at::TensorList params, at::TensorList grads, at::Te
                              at::TensorList rms, at::TensorList fac_row, at::TensorList fac_col,
                              at::TensorList fac_diag, at::TensorList state_steps,
                              const at::Tensor& lr, const at::Tensor& meta_weights,
-                             const at::Tensor& decays, at::TensorList row_sums,
-                             const at::Tensor& feature_sums, c10::IntArrayRef global_geometry,
-                             double weight_decay, double step_mult, double exp_mult) {
+                             const at::Tensor& decays, const c10::optional<at::Tensor>& skip,
+                             at::TensorList row_sums, const at::Tensor& feature_sums,
+                             c10::IntArrayRef global_geometry, double weight_decay,
+                             double step_mult, double exp_mult) {
   constexpr const char* op = "small_fc_lopt_apply_";
   const auto infos = check_small_fc_lopt_inputs(params, grads, momentum, rms, fac_row, fac_col,
                                                 fac_diag, state_steps, lr, meta_weights, decays,
                                                 global_geometry);
   const int64_t T = static_cast<int64_t>(params.size());
-  if (T == 0) return;
+  if (skip.has_value()) check_skip(op, *skip, T > 0 ? params[0].device() : skip->device());
+  if (T == 0 || (skip.has_value() && *skip->data_ptr<bool>())) return;
   check_row_sums(op, row_sums, infos, params);
   check_feature_sums(op, feature_sums, T, small_fc_lopt::kFeatures, params[0].device());
   const float* weights = meta_weights.data_ptr<float>();

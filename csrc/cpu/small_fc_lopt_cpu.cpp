@@ -19,23 +19,30 @@ void small_fc_lopt_step_cpu(at::TensorList params, at::TensorList grads,
                             at::TensorList fac_diag, at::TensorList state_steps,
                             const at::Tensor& lr, const at::Tensor& meta_weights,
                             const at::Tensor& decays, double weight_decay, double step_mult,
-                            double exp_mult) {
+                            double exp_mult, const c10::optional<at::Tensor>& skip) {
   const auto infos = check_small_fc_lopt_inputs(params, grads, momentum, rms, fac_row, fac_col,
                                                 fac_diag, state_steps, lr, meta_weights, decays);
   if (params.empty()) return;
+  if (skip.has_value()) {
+    check_skip("small_fc_lopt_step_", *skip, params[0].device());
+    if (*skip->data_ptr<bool>()) return;
+  }
   const float* weights = meta_weights.data_ptr<float>();
   const float* decay_values = decays.data_ptr<float>();
   const int64_t weights_stride = table_row_stride(meta_weights, small_fc_lopt::kPackedWeights);
   const int64_t decays_stride = table_row_stride(decays, kDecays);
-  cpu::run_bucket<SmallFCLOptPolicy>(
+  // Without skip, a gradient holding a NaN or an infinity leaves everything unchanged and the
+  // step uncounted.
+  const bool stepped = cpu::run_bucket<SmallFCLOptPolicy>(
       infos, params, grads, momentum, rms, fac_row, fac_col, fac_diag,
-      lr, weight_decay, step_mult, exp_mult,
+      lr, weight_decay, step_mult, exp_mult, /*check_finite=*/!skip.has_value(),
       [&](size_t i, cpu::TensorWork<SmallFCLOptPolicy>& w) {
         w.weights = weights + i * weights_stride;
         w.decays = decay_values + i * decays_stride;
         w.t = *state_steps[i].data_ptr<float>();
       });
-  for (const auto& step : state_steps) *step.data_ptr<float>() += 1.0f;
+  if (stepped)
+    for (const auto& step : state_steps) *step.data_ptr<float>() += 1.0f;
 }
 
 }  // namespace

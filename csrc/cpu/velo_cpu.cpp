@@ -32,6 +32,7 @@ void velo_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
   const float* mult = lr_mult.data_ptr<float>();
   cpu::run_bucket<VeLOPolicy>(infos, params, grads, momentum, rms, fac_row,
                               fac_col, fac_diag, lr, weight_decay, step_mult, exp_mult,
+                              /*check_finite=*/false,  // skip says it (velo_lstm_input)
                               [&](size_t i, cpu::TensorWork<VeLOPolicy>& w) {
                                 w.weights = weights + i * velo::kPackedWeights;
                                 w.lr_mult = mult[i];

@@ -222,9 +222,11 @@ __device__ __forceinline__ float clipped_grad(const TensorArgs& t, float g) {
 
 // Sums of g^2 over one segment of the reduced axis for one tile of outputs, in double, in a
 // fixed order: the segment's elements in order per lane (or warp), then a fixed shuffle tree
-// (rows) or the 8 warps in order (columns).
+// (rows) or the 8 warps in order (columns). With `found`, a block that reads a NaN or an
+// infinity sets *found (the gradients' non-finite check, fused into this read of them).
 template <class P, typename S>
-__global__ void __launch_bounds__(kThreads) moment_partials_kernel(Table table, const bool* skip) {
+__global__ void __launch_bounds__(kThreads) moment_partials_kernel(Table table, const bool* skip,
+                                                                   bool* found) {
   if (skipped(skip)) return;
   __shared__ double part[kThreads];
   const int ti = find_tensor(table, blockIdx.x);
@@ -244,19 +246,26 @@ __global__ void __launch_bounds__(kThreads) moment_partials_kernel(Table table, 
   const S* g = static_cast<const S*>(t.g);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   double sum = 0.0;
+  bool bad = false;
   if (I == 1) {
     const int64_t o = tile * plan.tile + warp;
     if (o < plan.outputs)
-      for (int64_t r = r0 + lane; r < r1; r += 32)
-        sum += static_cast<double>(factored_gsq(clipped_grad<P>(t, to_float(g[o * R + r]))));
+      for (int64_t r = r0 + lane; r < r1; r += 32) {
+        const float x = to_float(g[o * R + r]);
+        bad = bad || !isfinite(x);
+        sum += static_cast<double>(factored_gsq(clipped_grad<P>(t, x)));
+      }
     for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
     if (lane == 0 && o < plan.outputs) out[o * plan.segments + segment] = sum;
   } else {
     const int64_t idx = tile * plan.tile + lane;
     if (idx < plan.outputs) {
       const int64_t o = idx / I, i = idx % I;
-      for (int64_t r = r0 + warp; r < r1; r += kWarps)
-        sum += static_cast<double>(factored_gsq(clipped_grad<P>(t, to_float(g[(o * R + r) * I + i]))));
+      for (int64_t r = r0 + warp; r < r1; r += kWarps) {
+        const float x = to_float(g[(o * R + r) * I + i]);
+        bad = bad || !isfinite(x);
+        sum += static_cast<double>(factored_gsq(clipped_grad<P>(t, x)));
+      }
     }
     part[threadIdx.x] = sum;
     __syncthreads();
@@ -266,6 +275,23 @@ __global__ void __launch_bounds__(kThreads) moment_partials_kernel(Table table, 
       out[idx * plan.segments + segment] = total;
     }
   }
+  if (found != nullptr && __syncthreads_or(bad) && threadIdx.x == 0) *found = true;
+}
+
+// The non-finite check of the gradients moment_partials_kernel does not read (unfactored
+// tensors): one block per chunk sets *found when its chunk holds a NaN or an infinity.
+template <typename S>
+__global__ void __launch_bounds__(kThreads) nonfinite_kernel(Table table, bool* found) {
+  const int ti = find_tensor(table, blockIdx.x);
+  const TensorArgs& t = table.t[ti];
+  const int64_t e0 = (blockIdx.x - table.start[ti]) * kChunk;
+  const S* g = static_cast<const S*>(t.g);
+  bool bad = false;
+  for (int k = 0; k < kElementsPerThread; ++k) {
+    const int64_t e = e0 + k * kThreads + threadIdx.x;
+    if (e < t.numel) bad = bad || !isfinite(to_float(g[e]));
+  }
+  if (__syncthreads_or(bad) && threadIdx.x == 0) *found = true;
 }
 
 // Updates r or c (side) at output idx with the mean of g^2, and the scratch derived from it.

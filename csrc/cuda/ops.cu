@@ -125,15 +125,27 @@ struct Bucket {
   }
 };
 
-// The four passes over a bucket, launched table by table on `stream`.
+// The four passes over a bucket, launched table by table on `stream`. With `found` (a zeroed
+// flag; then `skip` must be it), the gradients are checked first: moment_partials_kernel
+// checks those it reads, nonfinite_kernel the others, and a NaN or an infinity anywhere sets
+// the flag, which every pass that changes something reads as its skip.
 template <class P, typename S>
 void run_passes(const std::vector<TensorArgs>& tensors, const float* lr,
                 float weight_decay, float step_mult, float exp_mult, const bool* skip,
-                cudaStream_t stream) {
+                bool* found, cudaStream_t stream) {
   const auto factored = [](const TensorArgs& t) { return t.factored && t.numel > 0; };
+  const auto chunk_items = [](const TensorArgs& t) { return t.chunks; };
+  if (found != nullptr) {
+    const auto unfactored_chunks = [&](const TensorArgs& t) { return factored(t) ? 0 : t.chunks; };
+    for_each_table<Table, kMaxTensors>(tensors, unfactored_chunks, [&](const Table& table) {
+      launch(nonfinite_kernel<S>, table.start[table.count], kThreads, stream, table, found);
+    });
+    check_launch("nonfinite_kernel");
+  }
   const auto moment_items = [&](const TensorArgs& t) { return factored(t) ? moment_blocks(t.geo) : 0; };
   for_each_table<Table, kMaxTensors>(tensors, moment_items, [&](const Table& table) {
-    launch(moment_partials_kernel<P, S>, table.start[table.count], kThreads, stream, table, skip);
+    launch(moment_partials_kernel<P, S>, table.start[table.count], kThreads, stream, table,
+           found != nullptr ? nullptr : skip, found);
   });
   check_launch("moment_partials_kernel");
   const auto output_items = [&](const TensorArgs& t) {
@@ -150,7 +162,6 @@ void run_passes(const std::vector<TensorArgs>& tensors, const float* lr,
     launch(row_factor_kernel, table.start[table.count], kThreads, stream, table, skip);
   });
   check_launch("row_factor_kernel");
-  const auto chunk_items = [](const TensorArgs& t) { return t.chunks; };
   for_each_table<Table, kMaxTensors>(tensors, chunk_items, [&](const Table& table) {
     launch(accumulate_kernel<P, S>, table.start[table.count], kThreads, stream, table, skip);
   });
@@ -191,13 +202,13 @@ void dispatch_storage(at::ScalarType dtype, const char* op, F fn) {
 
 // One op call over a bucket: scratch and tables, setup(i, tensors[i]) for P's per-tensor
 // pointers (weights, decays, step count, lr_mult), the passes, and the write-back of
-// non-contiguous parameters. `skip` may be null.
+// non-contiguous parameters. `skip` may be null; with `found` (see run_passes) it is found.
 template <class P, typename Setup>
 void run_bucket(const std::vector<TensorInfo>& infos, at::TensorList params,
                 at::TensorList grads, at::TensorList momentum, at::TensorList rms,
                 at::TensorList fac_row, at::TensorList fac_col, at::TensorList fac_diag,
                 const at::Tensor& lr, double weight_decay, double step_mult,
-                double exp_mult, const bool* skip, const char* op,
+                double exp_mult, const bool* skip, bool* found, const char* op,
                 Setup setup) {
   const c10::DeviceGuard guard(params[0].device());
   const cudaStream_t stream = current_stream(params[0].device());
@@ -208,7 +219,7 @@ void run_bucket(const std::vector<TensorInfo>& infos, at::TensorList params,
     using S = std::remove_pointer_t<decltype(tag)>;
     run_passes<P, S>(bucket.tensors, lr32.data_ptr<float>(),
                      static_cast<float>(weight_decay), static_cast<float>(step_mult),
-                     static_cast<float>(exp_mult), skip, stream);
+                     static_cast<float>(exp_mult), skip, found, stream);
   });
   bucket.finish();
 }
@@ -219,17 +230,27 @@ void small_fc_lopt_step_cuda(at::TensorList params, at::TensorList grads,
                              at::TensorList fac_diag, at::TensorList state_steps,
                              const at::Tensor& lr, const at::Tensor& meta_weights,
                              const at::Tensor& decays, double weight_decay, double step_mult,
-                             double exp_mult) {
+                             double exp_mult, const c10::optional<at::Tensor>& skip) {
   const auto infos = check_small_fc_lopt_inputs(params, grads, momentum, rms, fac_row, fac_col,
                                                 fac_diag, state_steps, lr, meta_weights, decays);
   if (params.empty()) return;
+  if (skip.has_value()) check_skip("small_fc_lopt_step_", *skip, params[0].device());
   const float* weights = meta_weights.data_ptr<float>();
   const float* decay_values = decays.data_ptr<float>();
   const int64_t weights_stride = table_row_stride(meta_weights, small_fc_lopt::kPackedWeights);
   const int64_t decays_stride = table_row_stride(decays, kDecays);
+  // Without skip, a gradient holding a NaN or an infinity leaves everything unchanged and the
+  // step uncounted: the flag is found on the device, so a captured step keeps the rule.
+  at::Tensor found;
+  bool* found_ptr = nullptr;
+  if (!skip.has_value()) {
+    found = at::zeros({}, params[0].options().dtype(at::kBool));
+    found_ptr = found.data_ptr<bool>();
+  }
   run_bucket<small_fc_lopt::Policy>(
       infos, params, grads, momentum, rms, fac_row, fac_col, fac_diag, lr, weight_decay,
-      step_mult, exp_mult, nullptr, "small_fc_lopt_step_", [&](size_t i, TensorArgs& t) {
+      step_mult, exp_mult, skip.has_value() ? skip->data_ptr<bool>() : found_ptr, found_ptr,
+      "small_fc_lopt_step_", [&](size_t i, TensorArgs& t) {
         t.weights = weights + i * weights_stride;
         t.decays = decay_values + i * decays_stride;
         t.step = state_steps[i].data_ptr<float>();
@@ -247,7 +268,7 @@ void velo_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   const float* weights = mlp_weights.data_ptr<float>();
   const float* mult = lr_mult.data_ptr<float>();
   run_bucket<velo::Policy>(infos, params, grads, momentum, rms, fac_row, fac_col, fac_diag,
-                           lr, weight_decay, step_mult, exp_mult, skip.data_ptr<bool>(),
+                           lr, weight_decay, step_mult, exp_mult, skip.data_ptr<bool>(), nullptr,
                            "velo_step_", [&](size_t i, TensorArgs& t) {
                              t.weights = weights + i * velo::kPackedWeights;
                              t.lr_mult = mult + i;
@@ -371,7 +392,8 @@ std::vector<at::Tensor> factored_gsq_sums_cuda(at::TensorList grads, c10::IntArr
     using S = std::remove_pointer_t<decltype(tag)>;
     const auto moment_items = [&](const TensorArgs& t) { return is_factored(t) ? moment_blocks(t.geo) : 0; };
     for_each_table<Table, kMaxTensors>(tensors, moment_items, [&](const Table& table) {
-      launch(moment_partials_kernel<P, S>, table.start[table.count], kThreads, stream, table, nullptr);
+      launch(moment_partials_kernel<P, S>, table.start[table.count], kThreads, stream, table, nullptr,
+             nullptr);
     });
     check_launch("moment_partials_kernel");
   });
@@ -531,18 +553,21 @@ at::Tensor small_fc_lopt_feature_sums_cuda(at::TensorList params, at::TensorList
                                            at::TensorList momentum, at::TensorList rms,
                                            at::TensorList fac_row, at::TensorList fac_col,
                                            at::TensorList fac_diag, at::TensorList row_sums,
-                                           const at::Tensor& decays, c10::IntArrayRef global_geometry) {
+                                           const at::Tensor& decays, const c10::optional<at::Tensor>& skip,
+                                           c10::IntArrayRef global_geometry) {
   constexpr const char* op = "small_fc_lopt_feature_sums_";
   const auto infos = check_accumulator_inputs(op, params, grads, momentum, rms, fac_row, fac_col,
                                               fac_diag, global_geometry);
   const int64_t T = static_cast<int64_t>(params.size());
+  if (skip.has_value()) check_skip(op, *skip, T > 0 ? params[0].device() : skip->device());
   if (T == 0) return at::zeros({0, small_fc_lopt::kFeatures}, decays.options().dtype(at::kDouble));
   check_decays(op, decays, T, params[0].device());
   check_row_sums(op, row_sums, infos, params);
   const float* d = decays.data_ptr<float>();
   const int64_t stride = table_row_stride(decays, kDecays);
   return feature_sums_cuda<small_fc_lopt::Policy>(
-      op, infos, params, grads, momentum, rms, fac_row, fac_col, fac_diag, row_sums, nullptr,
+      op, infos, params, grads, momentum, rms, fac_row, fac_col, fac_diag, row_sums,
+      skip.has_value() ? skip->data_ptr<bool>() : nullptr,
       [&](size_t i, TensorArgs& t) { t.decays = d + i * stride; });
 }
 
@@ -550,13 +575,14 @@ void small_fc_lopt_apply_cuda(at::TensorList params, at::TensorList grads, at::T
                               at::TensorList rms, at::TensorList fac_row, at::TensorList fac_col,
                               at::TensorList fac_diag, at::TensorList state_steps, const at::Tensor& lr,
                               const at::Tensor& meta_weights, const at::Tensor& decays,
-                              at::TensorList row_sums, const at::Tensor& feature_sums,
-                              c10::IntArrayRef global_geometry, double weight_decay, double step_mult,
-                              double exp_mult) {
+                              const c10::optional<at::Tensor>& skip, at::TensorList row_sums,
+                              const at::Tensor& feature_sums, c10::IntArrayRef global_geometry,
+                              double weight_decay, double step_mult, double exp_mult) {
   constexpr const char* op = "small_fc_lopt_apply_";
   const auto infos = check_small_fc_lopt_inputs(params, grads, momentum, rms, fac_row, fac_col, fac_diag,
                                                 state_steps, lr, meta_weights, decays, global_geometry, op);
   const int64_t T = static_cast<int64_t>(params.size());
+  if (skip.has_value()) check_skip(op, *skip, T > 0 ? params[0].device() : skip->device());
   if (T == 0) return;
   check_row_sums(op, row_sums, infos, params);
   check_feature_sums(op, feature_sums, T, small_fc_lopt::kFeatures, params[0].device());
@@ -566,7 +592,8 @@ void small_fc_lopt_apply_cuda(at::TensorList params, at::TensorList grads, at::T
   const int64_t decays_stride = table_row_stride(decays, kDecays);
   apply_cuda<small_fc_lopt::Policy>(
       op, infos, params, grads, momentum, rms, fac_row, fac_col, fac_diag, row_sums, feature_sums, lr,
-      weight_decay, step_mult, exp_mult, nullptr, [&](size_t i, TensorArgs& t) {
+      weight_decay, step_mult, exp_mult, skip.has_value() ? skip->data_ptr<bool>() : nullptr,
+      [&](size_t i, TensorArgs& t) {
         t.weights = weights + i * weights_stride;
         t.decays = d + i * decays_stride;
         t.step = state_steps[i].data_ptr<float>();

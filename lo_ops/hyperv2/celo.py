@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import _distributed
+from .. import _distributed, _phases
 from .. import _reference as shared
 from .._layout import (
     CELO_ADAM_EPSILON,
@@ -18,7 +18,7 @@ from .._layout import (
 )
 from .._optim import accumulator_state, group_lr, split_buckets
 from . import reference as ref
-from .optimizer import HyperV2Optimizer, nonfinite_flags
+from .optimizer import HyperV2Optimizer
 
 _LSTM_STATE = {"lstm_hidden": (CELO_LSTM_HIDDEN,), "lstm_cell": (CELO_LSTM_HIDDEN,)}
 
@@ -67,21 +67,12 @@ class _CeloBase(HyperV2Optimizer):
             yield i, p, self._ensure_state(p)
 
     def _finite(self, loss_t: Tensor, grad_lists: list[list[Tensor]]) -> Tensor:
-        """Whether the loss and every gradient element are finite, without a host sync. Whole
-        (non-DTensor) gradients of one dtype go through torch's fused multi-tensor check
-        (``_amp_foreach_non_finite_check_and_unscale_`` with a scale of exactly 1, which leaves
-        every value as it is); local shards through ``nonfinite_flags``."""
-        finite = torch.isfinite(loss_t)
-        found = torch.zeros((), dtype=torch.float32, device=loss_t.device)
-        one = torch.ones((), dtype=torch.float32, device=loss_t.device)
-        for grads in grad_lists:
-            if not grads:
-                continue
-            if self._sharded:
-                finite = finite & (nonfinite_flags(grads).sum() == 0)
-            else:
-                torch._amp_foreach_non_finite_check_and_unscale_(grads, found, one)
-        return finite & (found == 0)
+        """Whether the loss and every gradient element are finite, without a host sync
+        (``lo_ops._phases.nonfinite_found``)."""
+        grad_lists = [grads for grads in grad_lists if grads]
+        if not grad_lists:
+            return torch.isfinite(loss_t)
+        return torch.isfinite(loss_t) & ~_phases.nonfinite_found(grad_lists).to(loss_t.device)
 
 
 class Celo(_CeloBase):
@@ -170,7 +161,7 @@ class Celo(_CeloBase):
         reduce = _distributed.all_reduce_sums
         groups = [g for g, _ in slot_groups]
         slots = [s for _, s in slot_groups]
-        tensors = ref.slot_tensors(slots)
+        tensors = shared.slot_tensors(slots)
         saved = [t.clone() for t in tensors]
         g32s = [s.g32(clip=VELO_GRAD_CLIP) for s in slots]
         p32s = [s.p32() for s in slots]
@@ -194,7 +185,7 @@ class Celo(_CeloBase):
             ref.element_step(s, feature_fn(i, g32s[i], acc), p32s[i], total, weights, lr_mult[0],
                              lr=group_lr(group, self._device), weight_decay=float(group["weight_decay"]),
                              step_mult=self.step_mult, exp_mult=self.exp_mult)
-        ref.keep_if(~finite, tensors, saved)
+        shared.keep_if(~finite, tensors, saved)
         self._commit_schedule(~finite, hidden, cell)
         return finite
 

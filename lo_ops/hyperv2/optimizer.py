@@ -38,17 +38,6 @@ _LOSS_STATE = {
 }
 
 
-def nonfinite_flags(grads: list[Tensor]) -> Tensor:
-    """Per tensor, 1.0 where it holds a non-finite element (float64 ``[T]``): one fused
-    max-norm over the non-empty ones, no host sync."""
-    out = torch.zeros(len(grads), dtype=torch.float64, device=grads[0].device if grads else None)
-    nonempty = [i for i, g in enumerate(grads) if g.numel() > 0]
-    if nonempty:
-        norms = torch.stack(torch._foreach_norm([grads[i] for i in nonempty], float("inf"), dtype=torch.float32))
-        out[nonempty] = (~torch.isfinite(norms)).double()
-    return out
-
-
 class HyperV2Optimizer(LearnedOptimizer):
     """What VeLO, Celo and Celo-Adam share (spec 3.1, 5.1, 5.4); ``architecture`` picks the
     configuration (``lo_ops._layout.HYPERV2_CONFIGS``) and the meta-weights it loads.
@@ -286,7 +275,7 @@ class HyperV2Optimizer(LearnedOptimizer):
         gsq = [x for b in buckets for x in _phases.gsq_sums(b, VELO_GRAD_CLIP)]
         n_gsq = [2 * len(b.factored) for b in buckets]
         if shared:
-            stats = [x for b in buckets for x in _phases.per_tensor(nonfinite_flags(b.grads)[:, None], b)]
+            stats = [x for b in buckets for x in _phases.per_tensor(_phases.nonfinite_flags(b.grads)[:, None], b)]
         else:
             stats = [x for b, (m, v, *_) in zip(buckets, lists) for x in
                      _phases.per_tensor(torch.ops.lo_ops.velo_lstm_moments(b.params, b.grads, m, v, None), b)]
@@ -588,7 +577,7 @@ class VeLO(HyperV2Optimizer):
         per-tensor network on the same T rows and gets the same controls."""
         reduce = _distributed.all_reduce_sums
         groups, slots = [g for g, _ in slots], [s for _, s in slots]
-        tensors = ref.slot_tensors(slots)
+        tensors = reference.slot_tensors(slots)
         saved = [t.clone() for t in tensors]
         decays = [self._velo_decays] * len(slots)
         g32s = [s.g32(clip=VELO_GRAD_CLIP) for s in slots]
@@ -616,5 +605,5 @@ class VeLO(HyperV2Optimizer):
             ref.element_step(s, feature_fn(i, g32s[i], acc), p32s[i], total, mlp_weights[i], lr_mult[i],
                              lr=group_lr(group, self._device), weight_decay=float(group["weight_decay"]),
                              step_mult=self.step_mult, exp_mult=self.exp_mult)
-        ref.keep_if(~finite, tensors, saved)
+        reference.keep_if(~finite, tensors, saved)
         return finite, new_hidden, new_cell

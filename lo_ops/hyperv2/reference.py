@@ -34,9 +34,11 @@ from .._reference import (
     factored_phase,
     feature_phase,
     gsq_phase,
+    keep_if,
     local_sums,
     mlp,
     normalise,
+    slot_tensors,
     slots_of,
 )
 
@@ -246,17 +248,6 @@ def element_step(s: Slot, feats: Tensor, p32: Tensor, sums: Tensor, mlp_weights:
     param_scale = torch.sqrt((sums[_P_CHANNEL] / s.geo.numel).float() + 1e-9)
     step = lr_mult * direction * param_scale * torch.exp(exp_mult * magnitude) * step_mult
     apply_update(s.p, p32, step, lr, weight_decay)
-
-
-def slot_tensors(slots: list[Slot]) -> list[Tensor]:
-    """Everything a step may change: parameters and state."""
-    return [t for s in slots for t in (s.p, s.momentum, s.rms, s.row, s.col, s.diag) if t is not None]
-
-
-def keep_if(skip: Tensor, tensors: list[Tensor], saved: list[Tensor]) -> None:
-    """Where ``skip`` (a bool scalar) is true, ``tensors`` get ``saved`` back (no host sync)."""
-    for t, old in zip(tensors, saved):
-        t.copy_(torch.where(skip, old, t))
 
 
 @torch.no_grad()

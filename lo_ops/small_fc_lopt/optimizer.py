@@ -135,35 +135,42 @@ class SmallFCLOpt(LearnedOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One step of every parameter with a gradient. A step whose gradients hold a NaN or an
+        infinity anywhere changes no parameter and no state and is not counted (as
+        ``GradScaler`` skips one), decided on the device without a host sync: one fused op
+        call checks its own gradients in its first read of them; a step of several calls
+        (param groups, dtypes, devices, sharded parameters) checks all gradients first."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        sharded_groups = []
+        calls, sharded_groups = [], []
         for gi, group in enumerate(self.param_groups):
             lists, sharded = [[] for _ in range(8)], [[] for _ in range(8)]
             self._init_group(group, *lists, *sharded)
             if sharded[0]:
                 sharded_groups.append((gi, sharded))
-            if not lists[0]:
-                continue
-            for (device, _), bucket in split_buckets(lists).items():
-                weights, decays = self._meta(device)
-                lr = group_lr(group, device)
-                if self._fused_for(device):
-                    fn = torch.ops.lo_ops.small_fc_lopt_step_
-                else:
-                    fn = reference.small_fc_lopt_step_
-                fn(*bucket, lr, weights, decays, float(group["weight_decay"]), self.step_mult,
-                   self.exp_mult)
+            if lists[0]:
+                calls += [(group, device, bucket) for (device, _), bucket in split_buckets(lists).items()]
+        skip = None
+        if len(calls) > 1 or (calls and sharded_groups):
+            skip = _phases.nonfinite_found([b[1] for _, _, b in calls])
         if sharded_groups:
-            self._step_sharded(sharded_groups)
+            skip = self._step_sharded(sharded_groups, skip)
+        for group, device, bucket in calls:
+            weights, decays = self._meta(device)
+            lr = group_lr(group, device)
+            fn = torch.ops.lo_ops.small_fc_lopt_step_ if self._fused_for(device) else reference.small_fc_lopt_step_
+            fn(*bucket, lr, weights, decays, float(group["weight_decay"]), self.step_mult, self.exp_mult,
+               None if skip is None else skip.to(device, non_blocking=True))
         return loss
 
-    def _step_sharded(self, sharded_groups) -> None:
+    def _step_sharded(self, sharded_groups, skip: Tensor | None) -> Tensor:
         """The DTensor parameters of every group (``(group index, lists)`` pairs): the phases
         on local shards (the fused phase ops where the device has them, else the reference),
-        their sums across ranks in three rounds for all groups together."""
+        their sums across ranks in three rounds for all groups together. ``skip`` (the
+        whole-tensor parameters' non-finite check) joins the shards' own; returns the step's
+        decision (true: skipped)."""
         slots, steps, groups = [], [], []
         for gi, sharded in sharded_groups:
             new = self._local_slots(sharded[:7])
@@ -174,16 +181,16 @@ class SmallFCLOpt(LearnedOptimizer):
         weights, decays = self._meta(device)
         lrs = [group_lr(group, device) for group in self.param_groups]
         wds = [float(group["weight_decay"]) for group in self.param_groups]
+        skip = None if skip is None else skip.to(device, non_blocking=True)
         if self._phased_fused_for(device):
-            _phases.small_fc_lopt_step(
+            return _phases.small_fc_lopt_step(
                 slots, steps, groups=groups, lrs=lrs, weight_decays=wds, weights=weights, decays=decays,
-                step_mult=self.step_mult, exp_mult=self.exp_mult, reduce=_distributed.all_reduce_sums,
+                step_mult=self.step_mult, exp_mult=self.exp_mult, reduce=_distributed.all_reduce_sums, skip=skip,
             )
-            return
-        reference.small_fc_lopt_slots(
+        return reference.small_fc_lopt_slots(
             slots, steps, lr=[lrs[g] for g in groups], weights=[unpack_weights(weights)] * len(slots),
             decays=[decays] * len(slots), weight_decay=[wds[g] for g in groups],
-            step_mult=self.step_mult, exp_mult=self.exp_mult, reduce=_distributed.all_reduce_sums,
+            step_mult=self.step_mult, exp_mult=self.exp_mult, reduce=_distributed.all_reduce_sums, skip=skip,
         )
 
     def _expected_state(self, p: Tensor) -> dict[str, tuple[int, ...]]:

@@ -19,9 +19,11 @@ from .._reference import (
     factored_phase,
     feature_phase,
     gsq_phase,
+    keep_if,
     local_sums,
     mlp,
     normalise,
+    slot_tensors,
     slots_of,
 )
 
@@ -39,13 +41,21 @@ def features(g32: Tensor, p32: Tensor, acc: dict[str, Tensor]) -> Tensor:
 
 @torch.no_grad()
 def small_fc_lopt_slots(slots: list[Slot], steps: list[Tensor], *, lr, weights: list, decays: list,
-                        weight_decay, step_mult, exp_mult, reduce: Reduce = local_sums) -> None:
+                        weight_decay, step_mult, exp_mult, reduce: Reduce = local_sums,
+                        skip: Tensor | None = None) -> Tensor:
     """One small_fc_lopt step of every slot (``weights``/``decays`` per slot, ``steps`` the
     float32 step counts, incremented; ``lr`` and ``weight_decay`` for all slots, or lists with
-    one per slot)."""
+    one per slot). A NaN or an infinity in any gradient, or ``skip`` true (a bool scalar),
+    leaves everything unchanged and the steps uncounted, decided on the device: the step is
+    computed, then undone. Returns that decision (true: skipped)."""
     ts = [step.detach().clone().float() for step in steps]  # steps already taken
+    tensors = slot_tensors(slots)
+    saved = [t.clone() for t in tensors]
+    bad = reduce([((~torch.isfinite(s.g)).sum().double()[None], s.geo.all_groups()) for s in slots])
+    found = torch.cat(bad).sum() > 0 if bad else torch.zeros((), dtype=torch.bool)
+    skip = found if skip is None else found | skip.reshape(()).to(found.device)
     for step in steps:
-        step.add_(1)
+        step.add_((~skip).to(step.dtype))
     n = len(slots)
     lrs = lr if isinstance(lr, list) else [lr] * n
     wds = weight_decay if isinstance(weight_decay, list) else [weight_decay] * n
@@ -66,12 +76,14 @@ def small_fc_lopt_slots(slots: list[Slot], steps: list[Tensor], *, lr, weights: 
         direction, magnitude = out[:, 0], out[:, 1]
         step = direction * torch.exp(magnitude * exp_mult) * step_mult
         apply_update(s.p, p32s[i], step, lrs[i], wds[i])
+    keep_if(skip, tensors, saved)
+    return skip
 
 
 @torch.no_grad()
 def small_fc_lopt_step_(
     params, grads, momentum, rms, fac_row, fac_col, fac_diag, state_steps, lr, meta_weights,
-    decays, weight_decay, step_mult, exp_mult,
+    decays, weight_decay, step_mult, exp_mult, skip=None,
 ):
     """Reference of ``torch.ops.lo_ops.small_fc_lopt_step_`` (same arguments, same effect).
 
@@ -84,5 +96,5 @@ def small_fc_lopt_step_(
     per_decays = [decays[i] if decays.dim() == 2 else decays for i in range(n)]
     small_fc_lopt_slots(
         slots, list(state_steps), lr=lr.float().reshape(()), weights=weights, decays=per_decays,
-        weight_decay=weight_decay, step_mult=step_mult, exp_mult=exp_mult,
+        weight_decay=weight_decay, step_mult=step_mult, exp_mult=exp_mult, skip=skip,
     )
