@@ -20,11 +20,19 @@ $(VENV)/bin/python:
 BASE_DEPS := safetensors:safetensors huggingface_hub:huggingface_hub msgpack:msgpack pytest:pytest \
              numpy:numpy ninja:ninja
 DEPS := $(BASE_DEPS) sklearn:scikit-learn matplotlib:matplotlib
-# $(call install_deps,PYTHON,DEPS): install the packages of DEPS that PYTHON cannot import, and
+# The tests' own: the frameworks lo_ops.integrations is tested against, property-based and
+# golden tests. Installed against the torch already there (a constraint), never replacing it.
+TEST_DEPS := transformers:transformers accelerate:accelerate lightning:lightning \
+             hypothesis:hypothesis expecttest:expecttest
+TEST_STAMP := $(VENV)/.lo_ops-test-deps
+# $(call install_deps,PYTHON,DEPS): install the packages of DEPS that PYTHON cannot import (never
+# replacing the torch it has), and
 # setuptools>=64 and wheel.
 define install_deps
 	@missing=""; for d in $(2); do $(1) -c "import $${d%%:*}" 2>/dev/null || missing="$$missing $${d#*:}"; done; \
-	if [ -n "$$missing" ]; then echo "installing:$$missing"; $(1) -m pip install $$missing; fi
+	if [ -n "$$missing" ]; then echo "installing:$$missing"; c=$$(mktemp); \
+	  $(1) -c "import torch; print('torch==' + torch.__version__)" > $$c 2>/dev/null || : > $$c; \
+	  $(1) -m pip install -c $$c $$missing; rc=$$?; rm -f $$c; exit $$rc; fi
 	$(1) -c "import setuptools, wheel, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 64)" 2>/dev/null \
 	  || $(1) -m pip install "setuptools>=64" wheel
 endef
@@ -39,7 +47,11 @@ build: setup
 demo: setup
 	$(PY) -m lo_ops demo
 
-test: setup
+$(TEST_STAMP): $(STAMP)
+	$(call install_deps,$(PY),$(TEST_DEPS))
+	touch $(TEST_STAMP)
+
+test: setup $(TEST_STAMP)
 	$(PY) -m pytest -q tests
 
 bench: setup

@@ -27,6 +27,13 @@ class LearnedOptimizer(Optimizer):
 
     _ops: tuple[str, ...] = ()
     _phase_ops: tuple[str, ...] = ()  # the ops of the step of sharded (DTensor) parameters
+    #: Whether ``step`` reads the loss (VeLO, Celo, Celo-Adam); ``observe_loss`` hands it over.
+    reads_loss: bool = False
+    # The losses observed since the last step: (sum as a float32 0-d tensor, count, reduction),
+    # and the loss they give the step (the step reads only this tensor, so a compiled step
+    # does not depend on the count).
+    _observed: tuple[Tensor, int, str] | None = None
+    _observed_loss: Tensor | None = None
 
     def __init__(self, params, defaults: dict[str, Any], fused: bool | None,
                  constants: dict[str, Any] | None = None):
@@ -89,6 +96,60 @@ class LearnedOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._register_own_hooks()  # the copy starts without hooks, as in torch.optim
+
+    # -- the loss of a step, handed over before it --------------------------------------------
+    def observe_loss(self, loss, *, reduction: str = "mean", scaler=None) -> None:
+        """Hands over the loss of one forward/backward pass, for training loops that call
+        ``step()`` with neither a closure nor ``loss=`` (the Hugging Face Trainer, Lightning
+        with a ``GradScaler``, gradient accumulation). The next ``step()`` reads the losses
+        observed since the previous one: their mean (``reduction="mean"``, for the plain loss
+        of each micro-batch) or their sum (``"sum"``, for losses already divided by the number
+        of micro-batches, as the Trainer and Lightning divide them).
+
+        The loss is detached and kept on its device: no host sync, no graph kept alive. With
+        ``scaler`` (a ``torch.amp.GradScaler``), ``loss`` is the scaled loss and is divided by
+        the scaler's current scale (on the device). ``zero_grad()`` and
+        ``discard_observed_loss()`` drop losses observed but not yet stepped on (a step a
+        ``GradScaler`` skipped never reads them). A ``loss=`` given to ``step`` takes the
+        place of observed losses. Optimizers that do not read the loss (``reads_loss`` false:
+        SmallFCLOpt) check the argument and ignore it.
+        """
+        name = type(self).__name__
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"{name}.observe_loss: reduction must be 'mean' or 'sum', got {reduction!r}")
+        value = loss_value(loss, f"{name}.observe_loss")
+        if scaler is not None and scaler.is_enabled():
+            scale = scaler._get_scale_async()  # the scale tensor, read on the device
+            if scale is not None:
+                value = value / scale.to(value.device, torch.float32)
+        if not self.reads_loss:
+            return
+        total, count = value, 1
+        if self._observed is not None:
+            total, count, given = self._observed
+            if given != reduction:
+                raise ValueError(
+                    f"{name}.observe_loss: this step's losses were observed with reduction={given!r}, "
+                    f"not {reduction!r}; use one reduction per step"
+                )
+            total, count = total + value.to(total.device), count + 1
+        self._observed = (total, count, reduction)
+        self._observed_loss = total / count if reduction == "mean" and count > 1 else total
+
+    def discard_observed_loss(self) -> None:
+        """Drops the losses observed since the last step (see ``observe_loss``)."""
+        self._observed = self._observed_loss = None
+
+    def _take_observed_loss(self) -> Tensor | None:
+        """The loss the observed losses give this step (None if none), and forgets them."""
+        loss = self._observed_loss
+        self._observed = self._observed_loss = None
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch.optim's; also drops losses observed but not stepped on (``observe_loss``)."""
+        self._observed = self._observed_loss = None
+        super().zero_grad(set_to_none)
 
     def _register_own_hooks(self) -> None:
         """Registers the hooks the optimizer itself needs (at construction and on copies)."""
@@ -209,6 +270,19 @@ def split_buckets(lists: list[list[Tensor]]) -> dict[tuple[torch.device, torch.d
             b[6].append(fac_diag[di])
             di += 1
     return out
+
+
+def loss_value(loss, what: str) -> Tensor:
+    """A loss as a detached float32 0-d tensor on its own device (a Python number on the CPU)."""
+    if isinstance(loss, Tensor):
+        if loss.numel() != 1:
+            raise ValueError(f"{what}: the loss must be a scalar (one element), got a tensor of shape {tuple(loss.shape)}")
+        if loss.is_complex():
+            raise ValueError(f"{what}: the loss must be real, got {loss.dtype}")
+        return loss.detach().reshape(()).to(torch.float32)
+    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        return torch.tensor(float(loss), dtype=torch.float32)
+    raise TypeError(f"{what}: the loss must be a scalar tensor or a number, got {type(loss).__name__}")
 
 
 def group_lr(group: dict[str, Any], device: torch.device) -> Tensor:

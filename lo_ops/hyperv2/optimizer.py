@@ -25,7 +25,15 @@ from .._layout import (
     HyperV2Config,
     state_shapes,
 )
-from .._optim import LearnedOptimizer, accumulator_state, check_lr, check_weight_decay, group_lr, split_buckets
+from .._optim import (
+    LearnedOptimizer,
+    accumulator_state,
+    check_lr,
+    check_weight_decay,
+    group_lr,
+    loss_value,
+    split_buckets,
+)
 from . import reference as ref
 from .network import _NAMES, HyperV2Network, load_hyperv2_network
 
@@ -50,6 +58,7 @@ class HyperV2Optimizer(LearnedOptimizer):
     """
 
     architecture = "velo"
+    reads_loss = True
 
     def __init__(
         self,
@@ -202,39 +211,33 @@ class HyperV2Optimizer(LearnedOptimizer):
 
     def _loss_tensor(self, loss) -> Tensor:
         name = type(self).__name__
-        if isinstance(loss, Tensor):
-            if loss.numel() != 1:
-                raise ValueError(
-                    f"{name}: the loss must be a scalar (one element), got a tensor of shape {tuple(loss.shape)}"
-                )
-            if loss.is_complex():
-                raise ValueError(f"{name}: the loss must be real, got {loss.dtype}")
-            return loss.detach().reshape(()).to(device=self._device, dtype=torch.float32)
-        if isinstance(loss, (int, float)) and not isinstance(loss, bool):
-            if torch.compiler.is_compiling():
-                # A Python number is a constant of the compiled graph: one recompile per value.
-                raise TypeError(
-                    f"{name}: a compiled step needs the loss as a 0-d tensor (e.g. "
-                    "step(loss=loss.detach())), not a Python number, whose every value would "
-                    "compile a new graph"
-                )
-            return torch.tensor(float(loss), dtype=torch.float32, device=self._device)
-        raise TypeError(f"{name}: the loss must be a scalar tensor or a number, got {type(loss).__name__}")
+        if isinstance(loss, (int, float)) and not isinstance(loss, bool) and torch.compiler.is_compiling():
+            # A Python number is a constant of the compiled graph: one recompile per value.
+            raise TypeError(
+                f"{name}: a compiled step needs the loss as a 0-d tensor (e.g. "
+                "step(loss=loss.detach())), not a Python number, whose every value would "
+                "compile a new graph"
+            )
+        return loss_value(loss, name).to(self._device)
 
     @torch.no_grad()
     def step(self, closure=None, *, loss=None):
-        """One step. The loss comes from ``closure`` (called with grad enabled) or ``loss``."""
+        """One step. The loss is ``loss`` if given, else the losses handed over by
+        ``observe_loss`` since the last step (their mean, or sum), else what ``closure``
+        (called with grad enabled) returns."""
         closure_loss = None
         if closure is not None:
             with torch.enable_grad():
                 closure_loss = closure()
+        observed = self._take_observed_loss()  # (after the closure, whose backward may observe)
         if loss is None:
-            loss = closure_loss
+            loss = observed if observed is not None else closure_loss
         if loss is None:
             raise ValueError(
                 f"{type(self).__name__} needs the loss of every step (its LSTM reads the loss "
-                "history): call opt.step(closure) with a closure that returns the loss, or "
-                "opt.step(loss=loss)"
+                "history): call opt.step(closure) with a closure that returns the loss, "
+                "opt.step(loss=loss), or hand it over first with opt.observe_loss(loss) "
+                "(lo_ops.integrations does that for the Hugging Face Trainer and Lightning)"
             )
         loss_t = self._loss_tensor(loss) if self._device is not None else None
         if loss_t is not None and self.all_reduce_loss is not False:
