@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections import OrderedDict
@@ -270,6 +271,19 @@ def split_buckets(lists: list[list[Tensor]]) -> dict[tuple[torch.device, torch.d
             b[6].append(fac_diag[di])
             di += 1
     return out
+
+
+_NO_RANGE = contextlib.nullcontext()
+
+
+def phase(name: str):
+    """A ``torch.profiler`` range called ``name`` (``lo_ops.<optimizer>.<phase>``) while a
+    profiler or ``torch.autograd.profiler.emit_nvtx`` (NVTX ranges) is on; otherwise, and in a
+    compiled step (where Dynamo would drop it with a warning), a shared null context, which
+    costs one C++ flag check."""
+    if torch.compiler.is_compiling() or not torch.autograd._profiler_enabled():
+        return _NO_RANGE
+    return torch.autograd.profiler.record_function(name)
 
 
 def loss_value(loss, what: str) -> Tensor:

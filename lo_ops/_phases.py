@@ -116,13 +116,23 @@ def nonfinite_flags(grads: list[Tensor]) -> Tensor:
 
 def nonfinite_found(grad_lists: list[list[Tensor]]) -> Tensor:
     """Whether any element of any gradient is NaN or infinite: a bool scalar on the first
-    gradient's device from one fused read-only max-norm per list (``nonfinite_flags``), with no
-    host sync."""
+    gradient's device, without a host sync. Per list (one device each), the fastest fused
+    check there: on the CPU torch's ``_amp_foreach_non_finite_check_and_unscale_`` with a scale
+    of exactly 1, which leaves every value as it is (0.6 ms for vit_tiny_16's 5.7M gradients,
+    against 8 ms for a max-norm); on accelerators the read-only max-norm of
+    ``nonfinite_flags`` (the former writes the gradients back)."""
     device = next(g.device for grads in grad_lists for g in grads)
     found = torch.zeros((), dtype=torch.bool, device=device)
     for grads in grad_lists:
-        if grads:
-            found = found | (nonfinite_flags(grads).sum() > 0).to(device, non_blocking=True)
+        if not grads:
+            continue
+        if grads[0].device.type == "cpu":
+            count = torch.zeros((), dtype=torch.float32)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, count, torch.ones(()))
+            bad = count > 0
+        else:
+            bad = nonfinite_flags(grads).sum() > 0
+        found = found | bad.to(device, non_blocking=True)
     return found
 
 

@@ -16,7 +16,7 @@ from .._layout import (
     VELO_GRAD_CLIP,
     state_shapes,
 )
-from .._optim import accumulator_state, group_lr, split_buckets
+from .._optim import accumulator_state, group_lr, phase, split_buckets
 from . import reference as ref
 from .optimizer import HyperV2Optimizer
 
@@ -105,6 +105,7 @@ class Celo(_CeloBase):
     """
 
     architecture = "celo"
+    _profile_name = "celo"
     _ops = ("velo_step_",)
     _phase_ops = ("factored_gsq_sums", "factored_update_", "velo_feature_sums_", "velo_apply_")
 
@@ -136,22 +137,27 @@ class Celo(_CeloBase):
 
     def _update(self, buckets, loss_t, loss_features):
         if self._sharded:
-            if self._phased_fused_for(self._device):
-                finite, hidden, cell = self._mlp_step_phased_fused(buckets, loss_t, loss_features)
-                self._commit_schedule(~finite, hidden, cell)
-                return finite
-            return self._update_sharded(buckets, loss_t, loss_features)
-        finite = self._all_finite(self._finite(loss_t, [b[1] for _, b in buckets]))
-        skip = ~finite
-        lr_mult, hidden, cell = self._schedule(loss_features)
-        fused = self._fused_for(self._device)
-        velo_step = torch.ops.lo_ops.velo_step_ if fused else ref.velo_step_
-        for group, b in buckets:
-            T = len(b[0])
-            velo_step(b[0], b[1], b[2], b[3], b[4], b[5], b[6], group_lr(group, self._device),
-                      ref.shared_mlp_weights(self._mlp_sets, T), lr_mult.expand(T).contiguous(), skip,
-                      float(group["weight_decay"]), self.step_mult, self.exp_mult)
-        self._commit_schedule(skip, hidden, cell)
+            with phase("lo_ops.celo.sharded_update"):
+                if self._phased_fused_for(self._device):
+                    finite, hidden, cell = self._mlp_step_phased_fused(buckets, loss_t, loss_features)
+                    self._commit_schedule(~finite, hidden, cell)
+                    return finite
+                return self._update_sharded(buckets, loss_t, loss_features)
+        with phase("lo_ops.celo.nonfinite_check"):
+            finite = self._all_finite(self._finite(loss_t, [b[1] for _, b in buckets]))
+            skip = ~finite
+        with phase("lo_ops.celo.schedule"):
+            lr_mult, hidden, cell = self._schedule(loss_features)
+        with phase("lo_ops.celo.update"):
+            fused = self._fused_for(self._device)
+            velo_step = torch.ops.lo_ops.velo_step_ if fused else ref.velo_step_
+            for group, b in buckets:
+                T = len(b[0])
+                velo_step(b[0], b[1], b[2], b[3], b[4], b[5], b[6], group_lr(group, self._device),
+                          ref.shared_mlp_weights(self._mlp_sets, T), lr_mult.expand(T).contiguous(), skip,
+                          float(group["weight_decay"]), self.step_mult, self.exp_mult)
+        with phase("lo_ops.celo.commit"):
+            self._commit_schedule(skip, hidden, cell)
         return finite
 
     def _update_sharded(self, slot_groups, loss_t, loss_features):
@@ -206,6 +212,7 @@ class CeloAdam(_CeloBase):
     """
 
     architecture = "celo_adam"
+    _profile_name = "celo_adam"
     _ops = ("celo_adam_step_",)
 
     def _parameter_state(self, p: Tensor) -> dict[str, Tensor]:
@@ -234,23 +241,27 @@ class CeloAdam(_CeloBase):
         return buckets
 
     def _update(self, buckets, loss_t, loss_features):
-        finite = self._finite(loss_t, [b[1] for _, b in buckets])
-        if self._sharded:  # each rank holds shards of the gradients: agree over all ranks
-            import torch.distributed._functional_collectives as funcol
+        with phase("lo_ops.celo_adam.nonfinite_check"):
+            finite = self._finite(loss_t, [b[1] for _, b in buckets])
+            if self._sharded:  # each rank holds shards of the gradients: agree over all ranks
+                import torch.distributed._functional_collectives as funcol
 
-            bad = funcol.wait_tensor(funcol.all_reduce((~finite).float().reshape(1), "sum",
-                                                       torch.distributed.group.WORLD))
-            finite = bad[0] == 0
-        finite = self._all_finite(finite)
-        skip = ~finite
-        lr_mult, hidden, cell = self._schedule(loss_features)
-        fused = self._fused_for(self._device)
-        adam_step = torch.ops.lo_ops.celo_adam_step_ if fused else ref.celo_adam_step_
-        iteration = self.global_state["iteration"]
-        for group, b in buckets:
-            T = len(b[0])
-            adam_step(b[0], b[1], b[2], b[3], group_lr(group, self._device), lr_mult.expand(T).contiguous(),
-                      iteration, skip, float(group["weight_decay"]), self.step_mult, CELO_ADAM_EPSILON)
-        self._commit_schedule(skip, hidden, cell)
+                bad = funcol.wait_tensor(funcol.all_reduce((~finite).float().reshape(1), "sum",
+                                                           torch.distributed.group.WORLD))
+                finite = bad[0] == 0
+            finite = self._all_finite(finite)
+            skip = ~finite
+        with phase("lo_ops.celo_adam.schedule"):
+            lr_mult, hidden, cell = self._schedule(loss_features)
+        with phase("lo_ops.celo_adam.update"):
+            fused = self._fused_for(self._device)
+            adam_step = torch.ops.lo_ops.celo_adam_step_ if fused else ref.celo_adam_step_
+            iteration = self.global_state["iteration"]
+            for group, b in buckets:
+                T = len(b[0])
+                adam_step(b[0], b[1], b[2], b[3], group_lr(group, self._device), lr_mult.expand(T).contiguous(),
+                          iteration, skip, float(group["weight_decay"]), self.step_mult, CELO_ADAM_EPSILON)
+        with phase("lo_ops.celo_adam.commit"):
+            self._commit_schedule(skip, hidden, cell)
         return finite
 

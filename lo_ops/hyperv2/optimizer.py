@@ -32,6 +32,7 @@ from .._optim import (
     check_weight_decay,
     group_lr,
     loss_value,
+    phase,
     split_buckets,
 )
 from . import reference as ref
@@ -59,6 +60,7 @@ class HyperV2Optimizer(LearnedOptimizer):
 
     architecture = "velo"
     reads_loss = True
+    _profile_name = "velo"  # torch.profiler ranges: lo_ops.<name>.<phase>
 
     def __init__(
         self,
@@ -239,21 +241,26 @@ class HyperV2Optimizer(LearnedOptimizer):
                 "opt.step(loss=loss), or hand it over first with opt.observe_loss(loss) "
                 "(lo_ops.integrations does that for the Hugging Face Trainer and Lightning)"
             )
-        loss_t = self._loss_tensor(loss) if self._device is not None else None
-        if loss_t is not None and self.all_reduce_loss is not False:
-            loss_t = _distributed.mean_over(loss_t, self.all_reduce_loss)
-        work = self._collect()
-        if work is None:
-            return closure_loss
-        gs = self.global_state
-        means, running_min, loss_features = ref.loss_buffer_update(
-            gs["loss_means"], gs["loss_running_min"], gs["iteration"], loss_t, self._loss_decays
-        )
-        finite = self._update(work, loss_t, loss_features)
-        skip = ~finite
-        gs["loss_means"].copy_(torch.where(skip, gs["loss_means"], means))
-        gs["loss_running_min"].copy_(torch.where(skip, gs["loss_running_min"], running_min))
-        gs["iteration"].add_(finite.float())
+        name = self._profile_name
+        with phase(f"lo_ops.{name}.step"):  # (after the closure: the model's time is not ours)
+            with phase(f"lo_ops.{name}.collect"):
+                loss_t = self._loss_tensor(loss) if self._device is not None else None
+                if loss_t is not None and self.all_reduce_loss is not False:
+                    loss_t = _distributed.mean_over(loss_t, self.all_reduce_loss)
+                work = self._collect()
+            if work is None:
+                return closure_loss
+            gs = self.global_state
+            with phase(f"lo_ops.{name}.loss_buffer"):
+                means, running_min, loss_features = ref.loss_buffer_update(
+                    gs["loss_means"], gs["loss_running_min"], gs["iteration"], loss_t, self._loss_decays
+                )
+            finite = self._update(work, loss_t, loss_features)
+            with phase(f"lo_ops.{name}.commit"):
+                skip = ~finite
+                gs["loss_means"].copy_(torch.where(skip, gs["loss_means"], means))
+                gs["loss_running_min"].copy_(torch.where(skip, gs["loss_running_min"], running_min))
+                gs["iteration"].add_(finite.float())
         return closure_loss
 
     def _shared_lstm_inputs(self, loss_features: Tensor) -> Tensor:
@@ -503,15 +510,17 @@ class VeLO(HyperV2Optimizer):
         old_hidden = torch.stack(hidden) if hidden else empty
         old_cell = torch.stack(cell) if cell else empty
         if phased:
-            finite, new_hidden, new_cell = self._step_phased(slots, loss_t, loss_features, old_hidden,
-                                                             old_cell)
+            with phase("lo_ops.velo.sharded_update"):
+                finite, new_hidden, new_cell = self._step_phased(slots, loss_t, loss_features, old_hidden,
+                                                                 old_cell)
         else:
             finite, new_hidden, new_cell = self._step_buckets(buckets, loss_t, loss_features, old_hidden,
                                                               old_cell)
-        skip = ~finite
-        if hidden:  # (an empty ZeRO partition has none)
-            torch._foreach_copy_(hidden, torch.where(skip, old_hidden, new_hidden).unbind(0))
-            torch._foreach_copy_(cell, torch.where(skip, old_cell, new_cell).unbind(0))
+        with phase("lo_ops.velo.lstm_commit"):
+            skip = ~finite
+            if hidden:  # (an empty ZeRO partition has none)
+                torch._foreach_copy_(hidden, torch.where(skip, old_hidden, new_hidden).unbind(0))
+                torch._foreach_copy_(cell, torch.where(skip, old_cell, new_cell).unbind(0))
         return finite
 
     def _step_buckets(self, buckets, loss_t, loss_features, old_hidden, old_cell):
@@ -520,27 +529,31 @@ class VeLO(HyperV2Optimizer):
         lstm_input = torch.ops.lo_ops.velo_lstm_input if fused else ref.velo_lstm_input
         velo_step = torch.ops.lo_ops.velo_step_ if fused else ref.velo_step_
         iteration = self.velo_state["iteration"]
-        rows, finite = [], torch.isfinite(loss_t)
-        for _, b in buckets:
-            X, grads_finite = lstm_input(b[0], b[1], b[2], b[3], loss_features, iteration,
-                                         float(self.num_steps))
-            rows.append(X)
-            finite = finite & grads_finite
-        X = torch.cat(rows) if rows else loss_features.new_zeros(0, VELO_LSTM_INPUTS)
-        if self._partition_group is None:
-            new_hidden, new_cell, controls, lr_mult = ref.per_tensor_network(X, old_hidden, old_cell, self._net)
-        else:
-            new_hidden, new_cell, controls, lr_mult, finite = self._network_of_all_ranks(
-                X, old_hidden, old_cell, finite)
-        skip = ~finite
-        mlp_weights = ref.blend_mlp_weights(controls, self._mlp_sets)
-        start = 0
-        for group, b in buckets:
-            end = start + len(b[0])
-            velo_step(b[0], b[1], b[2], b[3], b[4], b[5], b[6], group_lr(group, self._device),
-                      mlp_weights[start:end], lr_mult[start:end], skip, float(group["weight_decay"]),
-                      self.step_mult, self.exp_mult)
-            start = end
+        with phase("lo_ops.velo.lstm_input"):
+            rows, finite = [], torch.isfinite(loss_t)
+            for _, b in buckets:
+                X, grads_finite = lstm_input(b[0], b[1], b[2], b[3], loss_features, iteration,
+                                             float(self.num_steps))
+                rows.append(X)
+                finite = finite & grads_finite
+            X = torch.cat(rows) if rows else loss_features.new_zeros(0, VELO_LSTM_INPUTS)
+        with phase("lo_ops.velo.lstm"):  # the per-tensor LSTM and its heads
+            if self._partition_group is None:
+                new_hidden, new_cell, controls, lr_mult = ref.per_tensor_network(X, old_hidden, old_cell, self._net)
+            else:
+                new_hidden, new_cell, controls, lr_mult, finite = self._network_of_all_ranks(
+                    X, old_hidden, old_cell, finite)
+        with phase("lo_ops.velo.blend"):
+            skip = ~finite
+            mlp_weights = ref.blend_mlp_weights(controls, self._mlp_sets)
+        with phase("lo_ops.velo.update"):
+            start = 0
+            for group, b in buckets:
+                end = start + len(b[0])
+                velo_step(b[0], b[1], b[2], b[3], b[4], b[5], b[6], group_lr(group, self._device),
+                          mlp_weights[start:end], lr_mult[start:end], skip, float(group["weight_decay"]),
+                          self.step_mult, self.exp_mult)
+                start = end
         return finite, new_hidden, new_cell
 
     def _network_of_all_ranks(self, X, hidden, cell, finite):

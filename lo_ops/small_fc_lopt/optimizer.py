@@ -11,7 +11,15 @@ from torch import Tensor, nn
 
 from .. import _distributed, _phases
 from .._layout import effective_decays, state_shapes, unpack_weights
-from .._optim import LearnedOptimizer, accumulator_state, check_lr, check_weight_decay, group_lr, split_buckets
+from .._optim import (
+    LearnedOptimizer,
+    accumulator_state,
+    check_lr,
+    check_weight_decay,
+    group_lr,
+    phase,
+    split_buckets,
+)
 from . import reference
 from .network import check_decay_offsets, load_small_fc_lopt_network
 
@@ -144,25 +152,30 @@ class SmallFCLOpt(LearnedOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        calls, sharded_groups = [], []
-        for gi, group in enumerate(self.param_groups):
-            lists, sharded = [[] for _ in range(8)], [[] for _ in range(8)]
-            self._init_group(group, *lists, *sharded)
-            if sharded[0]:
-                sharded_groups.append((gi, sharded))
-            if lists[0]:
-                calls += [(group, device, bucket) for (device, _), bucket in split_buckets(lists).items()]
-        skip = None
-        if len(calls) > 1 or (calls and sharded_groups):
-            skip = _phases.nonfinite_found([b[1] for _, _, b in calls])
-        if sharded_groups:
-            skip = self._step_sharded(sharded_groups, skip)
-        for group, device, bucket in calls:
-            weights, decays = self._meta(device)
-            lr = group_lr(group, device)
-            fn = torch.ops.lo_ops.small_fc_lopt_step_ if self._fused_for(device) else reference.small_fc_lopt_step_
-            fn(*bucket, lr, weights, decays, float(group["weight_decay"]), self.step_mult, self.exp_mult,
-               None if skip is None else skip.to(device, non_blocking=True))
+        with phase("lo_ops.small_fc_lopt.step"):  # (after the closure: the model's time is not ours)
+            with phase("lo_ops.small_fc_lopt.collect"):
+                calls, sharded_groups = [], []
+                for gi, group in enumerate(self.param_groups):
+                    lists, sharded = [[] for _ in range(8)], [[] for _ in range(8)]
+                    self._init_group(group, *lists, *sharded)
+                    if sharded[0]:
+                        sharded_groups.append((gi, sharded))
+                    if lists[0]:
+                        calls += [(group, device, bucket) for (device, _), bucket in split_buckets(lists).items()]
+            skip = None
+            if len(calls) > 1 or (calls and sharded_groups):
+                with phase("lo_ops.small_fc_lopt.nonfinite_check"):
+                    skip = _phases.nonfinite_found([b[1] for _, _, b in calls])
+            if sharded_groups:
+                with phase("lo_ops.small_fc_lopt.sharded_update"):
+                    skip = self._step_sharded(sharded_groups, skip)
+            with phase("lo_ops.small_fc_lopt.update"):
+                for group, device, bucket in calls:
+                    weights, decays = self._meta(device)
+                    lr = group_lr(group, device)
+                    fn = torch.ops.lo_ops.small_fc_lopt_step_ if self._fused_for(device) else reference.small_fc_lopt_step_
+                    fn(*bucket, lr, weights, decays, float(group["weight_decay"]), self.step_mult, self.exp_mult,
+                       None if skip is None else skip.to(device, non_blocking=True))
         return loss
 
     def _step_sharded(self, sharded_groups, skip: Tensor | None) -> Tensor:
