@@ -62,15 +62,31 @@ def _data(seed: int):
 def _progress(name: str, step: int, total: int, loss: float) -> None:
     width = 30
     done = int(width * step / total)
-    sys.stdout.write(f"\r  {name:12s} [{'#' * done}{'.' * (width - done)}] {step:4d}/{total}  loss {loss:.4f}")
+    sys.stdout.write(f"\r  {name:12s} [{'#' * done}{'.' * (width - done)}] {step:4d}/{total}  loss {loss:<10.3g}")
     sys.stdout.flush()
+
+
+def smoothed(values: list[float], window: int = 0) -> list[float]:
+    """Centred moving average (window: about 1/30 of the run, odd; shorter at the ends), in
+    log space, as the losses span orders of magnitude."""
+    import math
+
+    window = window or max(1, len(values) // 30) | 1
+    logs = [math.log(max(v, 1e-30)) for v in values]
+    half, out = window // 2, []
+    for i in range(len(logs)):
+        part = logs[max(0, i - half): i + half + 1]
+        out.append(math.exp(sum(part) / len(part)))
+    return out
 
 
 def run(args) -> int:
     import lo_ops
 
     xt, yt, xv, yv, source = _data(args.seed)
-    print(f"lo_ops demo: a 64-128-10 MLP on {source}, {args.steps} steps of batch 128")
+    print(f"lo_ops demo: a 64-128-10 MLP on {source}, {args.steps} steps of batch 128 "
+          f"(torch {torch.__version__}, {torch.get_num_threads()} threads: the learned optimizers fit the "
+          "training set to ~1e-7, so the last digits of their losses change with the thread count)")
     print(describe_default())
     print("Celo and Celo-Adam use the published weights of Moudgil et al. (TMLR 2025, MIT licence) "
           "shipped with lo_ops, untuned at lr 1 with num_steps = the run length.")
@@ -120,12 +136,12 @@ def run(args) -> int:
         print()
     print(f"\n  {'optimizer':12s} {'train loss':>10s} {'test loss':>10s} {'test acc':>9s} {'time':>7s}")
     for name, (train_loss, test_loss, accuracy, seconds) in results.items():
-        print(f"  {name:12s} {train_loss:10.3g} {test_loss:10.4f} {accuracy:9.3f} {seconds:6.1f}s")
+        print(f"  {name:12s} {train_loss:10.3g} {test_loss:10.3g} {accuracy:9.3f} {seconds:6.1f}s")
     finite = [n for n in learned_names if results[n][1] == results[n][1]]
     best = min(finite, key=lambda n: results[n][1]) if finite else learned_names[0]
     b, adamw = results[best], results["AdamW 1e-3"]
     print(f"\n  Best offline learned optimizer here (lowest final test loss): {best} "
-          f"(test loss {b[1]:.4f}, accuracy {b[2]:.3f}; AdamW 1e-3: {adamw[1]:.4f}, {adamw[2]:.3f}).")
+          f"(test loss {b[1]:.3g}, accuracy {b[2]:.3f}; AdamW 1e-3: {adamw[1]:.3g}, {adamw[2]:.3f}).")
     for name in learned_names:
         r = results[name]
         if r[0] < adamw[0] and r[1] > adamw[1]:
@@ -138,11 +154,14 @@ def run(args) -> int:
             main = name in (best, "AdamW 1e-3")
             style = dict(linewidth=1.6 if main else 0.7, alpha=1.0 if main else 0.5,
                          label=name + (" (best learned)" if name == best else ""))
-            ax.plot(range(1, len(curves[name]) + 1), curves[name], **style)
+            line, = ax.plot(range(1, len(curves[name]) + 1), smoothed(curves[name]), **style)
+            ax.plot(range(1, len(curves[name]) + 1), curves[name], color=line.get_color(), linewidth=0.5,
+                    alpha=0.15)
             ax_test.plot(*zip(*test_curves[name]), **style)
         ax.set_yscale("log")
+        ax.set_ylim(bottom=0.1 * min(min(smoothed(c)) for c in curves.values()))
         ax.set_xlabel("step")
-        ax.set_ylabel("training loss (batch)")
+        ax.set_ylabel("training loss (batch; bold: moving average)")
         ax_test.set_xlabel("step")
         ax_test.set_ylabel("test loss")
         ax_test.set_yscale("log")
