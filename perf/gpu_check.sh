@@ -55,7 +55,13 @@ for set in vit_base_16 gpt2_355m many_small; do
   $PY perf/bench_step.py --device cuda --set "$set" || status=1
 done
 
+step "profiles (time per phase, share of the step inside lo_ops events)"
+for opt in small_fc_lopt velo celo celo_adam; do
+  $PY perf/profile_step.py --device cuda --set vit_base_16 --optimizer "$opt" || status=1
+done
+
 if [ -n "${OUT:-}" ]; then
-  cp "$RESULTS"/gpu_tests.txt "$RESULTS"/compute_sanitizer_*.txt "$RESULTS"/bench_step_*_cuda_*.json "$OUT"/ 2>/dev/null
+  cp "$RESULTS"/gpu_tests.txt "$RESULTS"/compute_sanitizer_*.txt "$RESULTS"/bench_step_*_cuda_*.json \
+     "$RESULTS"/profile_*_cuda.* "$OUT"/ 2>/dev/null
 fi
 exit $status
