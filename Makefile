@@ -23,7 +23,7 @@ DEPS := $(BASE_DEPS) sklearn:scikit-learn matplotlib:matplotlib
 # The tests' own: the frameworks lo_ops.integrations is tested against, property-based and
 # golden tests. Installed against the torch already there (a constraint), never replacing it.
 TEST_DEPS := transformers:transformers accelerate:accelerate lightning:lightning \
-             hypothesis:hypothesis expecttest:expecttest
+             hypothesis:hypothesis expecttest:expecttest mup:mup
 TEST_STAMP := $(VENV)/.lo_ops-test-deps
 # $(call install_deps,PYTHON,DEPS): install the packages of DEPS that PYTHON cannot import (never
 # replacing the torch it has), and

@@ -24,12 +24,15 @@ TORCH_LIBRARY(lo_ops, m) {
   // decays the 7 effective decays ([7], or [T, 7]). Without skip, the op checks the gradients
   // itself (in its first read of them) and, when any holds a NaN or an infinity, changes
   // nothing and counts no step; with skip (a bool scalar, the caller's check of a whole step
-  // that spans several calls), it does the same when skip is true.
+  // that spans several calls), it does the same when skip is true. μLO (spec 6): step_scale
+  // multiplies every step (p <- p - lr * step_scale * step, weight decay not scaled) and
+  // nan_to_num maps every gradient element through nan_to_num first (and checks nothing).
   m.def(
       "small_fc_lopt_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum, "
       "Tensor(c!)[] rms, Tensor(d!)[] fac_row, Tensor(e!)[] fac_col, Tensor(f!)[] fac_diag, "
       "Tensor(g!)[] state_steps, Tensor lr, Tensor meta_weights, Tensor decays, "
-      "float weight_decay, float step_mult, float exp_mult, Tensor? skip=None) -> ()");
+      "float weight_decay, float step_mult, float exp_mult, Tensor? skip=None, "
+      "float step_scale=1.0, bool nan_to_num=False) -> ()");
 
   // VeLO's per-tensor LSTM input (spec 3.2) for the tensors of one (device, dtype) bucket, read
   // before the step: returns X [T, 30] (float32; the time features from iteration / num_steps,
@@ -102,7 +105,7 @@ TORCH_LIBRARY(lo_ops, m) {
       "Tensor[] rms, Tensor[] fac_row, Tensor[] fac_col, Tensor[] fac_diag, "
       "Tensor(b!)[] state_steps, Tensor lr, Tensor meta_weights, Tensor decays, Tensor? skip, "
       "Tensor[] row_sums, Tensor feature_sums, int[] global_geometry, float weight_decay, "
-      "float step_mult, float exp_mult) -> ()");
+      "float step_mult, float exp_mult, float step_scale=1.0) -> ()");
   m.def(
       "velo_apply_(Tensor(a!)[] params, Tensor[] grads, Tensor[] momentum, Tensor[] rms, "
       "Tensor[] fac_row, Tensor[] fac_col, Tensor[] fac_diag, Tensor lr, Tensor mlp_weights, "

@@ -96,6 +96,14 @@ LO_HD T ema(T state, T value, float decay) {
   return decay * state + (1.0f - decay) * value;
 }
 
+// NaN -> 0, +-inf -> +-FLT_MAX, as jnp.nan_to_num (mu_learned_optimization applies it to every
+// gradient element first: spec 6.1).
+template <typename T>
+LO_HD T nan_to_num(T x) {
+  const T c = clip(x, -3.4028234663852886e38f, 3.4028234663852886e38f);
+  return c == c ? c : T{};
+}
+
 LO_HD float clip01(float x) { return x < 0.0f ? 0.0f : (x > 1.0f ? 1.0f : x); }
 
 // g^2 + 1e-30: the input of the factored / diagonal second moments.

@@ -107,9 +107,11 @@ struct Policy {
     for (int k = 0; k < kTimeFeatures; ++k) b += row[kFeatures + k] * time_feature(t, k);
     return b;
   }
-  static LO_HD float step_scale(float /*lr_mult*/, double /*sum_p_sq*/, int64_t /*n*/,
+  // The step scale; lr_mult is the tensor's step multiplier (μLO's μP multiplier s, spec 6.1;
+  // 1 for small_fc_lopt itself, which leaves step_mult exactly as it is).
+  static LO_HD float step_scale(float lr_mult, double /*sum_p_sq*/, int64_t /*n*/,
                                 float step_mult) {
-    return step_mult;
+    return step_mult * lr_mult;
   }
 };
 

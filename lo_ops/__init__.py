@@ -21,7 +21,8 @@ from .hyperv2 import (
     load_hyperv2_network,
     load_velo_network,
 )
-from .small_fc_lopt import SmallFCLOpt, SmallFCLOptNetwork, load_small_fc_lopt_network
+from . import mup  # noqa: F401  (lo_ops.mup: μP helpers for MuLO)
+from .small_fc_lopt import MuLO, SmallFCLOpt, SmallFCLOptNetwork, load_small_fc_lopt_network
 
 __all__ = [
     "Celo",
@@ -29,6 +30,7 @@ __all__ = [
     "CeloAdamNetwork",
     "CeloNetwork",
     "HyperV2Network",
+    "MuLO",
     "SmallFCLOpt",
     "SmallFCLOptNetwork",
     "VeLO",

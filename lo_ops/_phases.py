@@ -143,11 +143,13 @@ def per_tensor(sums: Tensor, b: Bucket) -> list[PartialSum]:
 
 def small_fc_lopt_step(slots: list[Slot], steps: list[Tensor], *, groups: list[int], lrs: list[Tensor],
                        weight_decays: list[float], weights: Tensor, decays: Tensor, step_mult: float,
-                       exp_mult: float, reduce: Reduce, skip: Tensor | None = None) -> Tensor:
+                       exp_mult: float, reduce: Reduce, skip: Tensor | None = None,
+                       step_scales: list[float] | None = None) -> Tensor:
     """One small_fc_lopt step of ``slots`` with the fused phase ops; slot i belongs to param
     group ``groups[i]``, whose lr and weight decay are ``lrs[g]`` and ``weight_decays[g]``.
     Three rounds of sums for all groups together. A NaN or an infinity in any shard, or
-    ``skip`` true, skips the step on every rank; returns that decision (true: skipped)."""
+    ``skip`` true, skips the step on every rank; returns that decision (true: skipped).
+    ``step_scales`` (per group, μLO's s) multiply the steps."""
     buckets = buckets_of(slots, key=lambda i: groups[i])
     geometry_counts = [2 * len(b.factored) for b in buckets]
     gsq = [x for b in buckets for x in gsq_sums(b, 0.0)]
@@ -170,5 +172,6 @@ def small_fc_lopt_step(slots: list[Slot], steps: list[Tensor], *, groups: list[i
         g = groups[b.index[0]]
         torch.ops.lo_ops.small_fc_lopt_apply_(
             b.params, b.grads, *b.accumulators, [steps[i] for i in b.index], lrs[g], weights, decays, skip, r,
-            torch.stack(f), b.geometry, weight_decays[g], step_mult, exp_mult)
+            torch.stack(f), b.geometry, weight_decays[g], step_mult, exp_mult,
+            1.0 if step_scales is None else float(step_scales[g]))
     return skip

@@ -55,7 +55,7 @@ def _check_state(t, name, i, p, expected, op="small_fc_lopt_step_"):
 @torch.library.register_fake("lo_ops::small_fc_lopt_step_")
 def small_fc_lopt_step_fake(
     params, grads, momentum, rms, fac_row, fac_col, fac_diag, state_steps, lr, meta_weights,
-    decays, weight_decay, step_mult, exp_mult, skip=None,
+    decays, weight_decay, step_mult, exp_mult, skip=None, step_scale=1.0, nan_to_num=False,
 ):
     _check_skip("small_fc_lopt_step_", skip)
     n = len(params)
@@ -322,7 +322,7 @@ def _check_feature_sums(op, feature_sums, n, features):
 @torch.library.register_fake("lo_ops::small_fc_lopt_apply_")
 def small_fc_lopt_apply_fake(params, grads, momentum, rms, fac_row, fac_col, fac_diag, state_steps, lr,
                              meta_weights, decays, skip, row_sums, feature_sums, global_geometry,
-                             weight_decay, step_mult, exp_mult):
+                             weight_decay, step_mult, exp_mult, step_scale=1.0):
     op = "small_fc_lopt_apply_"
     _check_skip(op, skip)
     axes = _phase_axes(op, params, global_geometry)

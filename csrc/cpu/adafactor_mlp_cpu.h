@@ -63,7 +63,8 @@ struct TensorWork {
   const float* weights = nullptr;  // this tensor's MLP, in P's packed layout
   const float* decays = nullptr;   // this tensor's decays as P::decay reads them (or null)
   float t = 0.f;         // steps already taken (small_fc_lopt's time features)
-  float lr_mult = 1.f;   // VeLO's per-tensor step multiplier
+  float lr_mult = 1.f;   // VeLO's per-tensor step multiplier (small_fc_lopt: μLO's s)
+  bool nan_to_num = false;  // gradients through nan_to_num first (μLO, spec 6.1)
   float step_scale = 0.f;  // step = direction * exp(exp_mult * magnitude) * step_scale
   int64_t first_chunk = 0;
   int64_t num_chunks = 0;
@@ -129,6 +130,12 @@ at::Tensor prepare_work(std::vector<TensorWork<P>>& work, const std::vector<Tens
     }
   }
   return scratch;
+}
+
+// The gradient the step uses: P's (VeLO clips it), through nan_to_num first for μLO.
+template <class P, typename V>
+LO_HD V grad_of(const TensorWork<P>& w, V g) {
+  return P::grad(w.nan_to_num ? nan_to_num(g) : g);
 }
 
 // Writes back parameters that were not contiguous (their work copy was updated).
@@ -240,7 +247,7 @@ LO_HD void run_reduce_task(const ReduceTask& t, TensorWork<P>& w) {
     float* state = t.kind == 0 ? w.row : w.col;
     const int64_t size = t.kind == 0 ? w.info.geo.row_numel() : w.info.geo.col_numel();
     const auto gsq = [&](int64_t e, int count) {
-      return first_lanes(factored_gsq(P::grad(load_lanes<V>(g + e, count))), count);
+      return first_lanes(factored_gsq(grad_of(w, load_lanes<V>(g + e, count))), count);
     };
     for (int64_t o = t.o0; o < t.o1; ++o) {
       reduce_middle<V>(t, o, gsq, acc);
@@ -426,7 +433,7 @@ LO_HD void tile_inputs(TensorWork<P>& w, const scalar_t* g, const scalar_t* p, i
                        int count, const TileIndex& ti,
                        ElementInputs<V>& in) {
   const int64_t n = w.info.numel;
-  in.g = P::grad(load_lanes<V>(g + e0, count));
+  in.g = grad_of(w, load_lanes<V>(g + e0, count));
   in.p = load_lanes<V>(p + e0, count);
   for (int k = 0; k < kMomentumChannels; ++k) {
     float* m = w.m + k * n + e0;

@@ -250,7 +250,7 @@ void small_fc_lopt_apply_cpu(at::TensorList params, at::TensorList grads, at::Te
                              const at::Tensor& decays, const c10::optional<at::Tensor>& skip,
                              at::TensorList row_sums, const at::Tensor& feature_sums,
                              c10::IntArrayRef global_geometry, double weight_decay,
-                             double step_mult, double exp_mult) {
+                             double step_mult, double exp_mult, double step_scale) {
   constexpr const char* op = "small_fc_lopt_apply_";
   const auto infos = check_small_fc_lopt_inputs(params, grads, momentum, rms, fac_row, fac_col,
                                                 fac_diag, state_steps, lr, meta_weights, decays,
@@ -270,6 +270,7 @@ void small_fc_lopt_apply_cpu(at::TensorList params, at::TensorList grads, at::Te
         w.weights = weights + i * weights_stride;
         w.decays = d + i * decays_stride;
         w.t = *state_steps[i].data_ptr<float>();
+        w.lr_mult = static_cast<float>(step_scale);
       });
   for (const auto& step : state_steps) *step.data_ptr<float>() += 1.0f;
 }

@@ -117,6 +117,8 @@ struct TensorArgs {
   int64_t d0_total, d1_total;  // the whole tensor's sizes of d0 and d1
   FactoredGeometry geo;
   float grad_clip;  // > 0: gradients also clipped to [-grad_clip, grad_clip] (phase 1)
+  float scale = 1.f;    // small_fc_lopt's step multiplier (μLO's s, spec 6.1), 1 otherwise
+  int nan_to_num = 0;   // gradients through nan_to_num first (μLO)
   int factored;
 };
 
@@ -216,7 +218,7 @@ LO_HD int64_t moment_partials_size(const FactoredGeometry& g) {
 // P's gradient, clipped further when the tensor asks for it (the phase ops' grad_clip).
 template <class P>
 __device__ __forceinline__ float clipped_grad(const TensorArgs& t, float g) {
-  const float x = P::grad(g);
+  const float x = P::grad(t.nan_to_num ? nan_to_num(g) : g);
   return t.grad_clip > 0.f ? clip(x, -t.grad_clip, t.grad_clip) : x;
 }
 
@@ -479,7 +481,8 @@ __device__ __forceinline__ void element_inputs(const TensorArgs& t, int64_t e,
                                                ElementInputs<float>& in, int64_t& ri,
                                                int64_t& ci) {
   const int64_t n = t.numel;
-  in.g = P::grad(to_float(static_cast<const S*>(t.g)[e]));
+  const float g = to_float(static_cast<const S*>(t.g)[e]);
+  in.g = P::grad(t.nan_to_num ? nan_to_num(g) : g);
   in.p = to_float(static_cast<const S*>(t.p)[e]);
   for (int k = 0; k < kMomentumChannels; ++k) {
     float m = t.m[k * n + e];
@@ -647,7 +650,7 @@ __global__ void __launch_bounds__(kThreads) fold_kernel(Table table, float step_
   }
   if (threadIdx.x < H) b0t[threadIdx.x] = P::first_bias(t.weights, step_t, threadIdx.x);
   if (threadIdx.x == 0) {
-    const float lr_mult = t.lr_mult != nullptr ? *t.lr_mult : 1.f;
+    const float lr_mult = (t.lr_mult != nullptr ? *t.lr_mult : 1.f) * t.scale;
     b0t[H] = P::step_scale(lr_mult, sums[P::kParamChannel], t.total_numel, step_mult);
   }
   __syncthreads();

@@ -230,7 +230,8 @@ void small_fc_lopt_step_cuda(at::TensorList params, at::TensorList grads,
                              at::TensorList fac_diag, at::TensorList state_steps,
                              const at::Tensor& lr, const at::Tensor& meta_weights,
                              const at::Tensor& decays, double weight_decay, double step_mult,
-                             double exp_mult, const c10::optional<at::Tensor>& skip) {
+                             double exp_mult, const c10::optional<at::Tensor>& skip,
+                             double step_scale, bool nan_to_num) {
   const auto infos = check_small_fc_lopt_inputs(params, grads, momentum, rms, fac_row, fac_col,
                                                 fac_diag, state_steps, lr, meta_weights, decays);
   if (params.empty()) return;
@@ -240,10 +241,11 @@ void small_fc_lopt_step_cuda(at::TensorList params, at::TensorList grads,
   const int64_t weights_stride = table_row_stride(meta_weights, small_fc_lopt::kPackedWeights);
   const int64_t decays_stride = table_row_stride(decays, kDecays);
   // Without skip, a gradient holding a NaN or an infinity leaves everything unchanged and the
-  // step uncounted: the flag is found on the device, so a captured step keeps the rule.
+  // step uncounted: the flag is found on the device, so a captured step keeps the rule. With
+  // nan_to_num (μLO) the gradients are made finite instead.
   at::Tensor found;
   bool* found_ptr = nullptr;
-  if (!skip.has_value()) {
+  if (!skip.has_value() && !nan_to_num) {
     found = at::zeros({}, params[0].options().dtype(at::kBool));
     found_ptr = found.data_ptr<bool>();
   }
@@ -254,6 +256,8 @@ void small_fc_lopt_step_cuda(at::TensorList params, at::TensorList grads,
         t.weights = weights + i * weights_stride;
         t.decays = decay_values + i * decays_stride;
         t.step = state_steps[i].data_ptr<float>();
+        t.scale = static_cast<float>(step_scale);
+        t.nan_to_num = nan_to_num ? 1 : 0;
       });
 }
 
@@ -577,7 +581,7 @@ void small_fc_lopt_apply_cuda(at::TensorList params, at::TensorList grads, at::T
                               const at::Tensor& meta_weights, const at::Tensor& decays,
                               const c10::optional<at::Tensor>& skip, at::TensorList row_sums,
                               const at::Tensor& feature_sums, c10::IntArrayRef global_geometry,
-                              double weight_decay, double step_mult, double exp_mult) {
+                              double weight_decay, double step_mult, double exp_mult, double step_scale) {
   constexpr const char* op = "small_fc_lopt_apply_";
   const auto infos = check_small_fc_lopt_inputs(params, grads, momentum, rms, fac_row, fac_col, fac_diag,
                                                 state_steps, lr, meta_weights, decays, global_geometry, op);
@@ -597,6 +601,7 @@ void small_fc_lopt_apply_cuda(at::TensorList params, at::TensorList grads, at::T
         t.weights = weights + i * weights_stride;
         t.decays = d + i * decays_stride;
         t.step = state_steps[i].data_ptr<float>();
+        t.scale = static_cast<float>(step_scale);
       });
 }
 

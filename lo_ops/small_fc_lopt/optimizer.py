@@ -51,6 +51,12 @@ class SmallFCLOpt(LearnedOptimizer):
 
     _ops = ("small_fc_lopt_step_",)
     _phase_ops = ("factored_gsq_sums", "factored_update_", "small_fc_lopt_feature_sums_", "small_fc_lopt_apply_")
+    _profile_name = "small_fc_lopt"  # torch.profiler ranges: lo_ops.<name>.<phase>
+    # What μLO (lo_ops.MuLO) changes: step_mult's default (None: the checkpoint's), extra
+    # param-group defaults, gradients through nan_to_num (instead of skipping non-finite steps).
+    _default_step_mult: float | None = None
+    _group_defaults: dict[str, Any] = {}
+    _nan_to_num = False
 
     def __init__(
         self,
@@ -68,10 +74,14 @@ class SmallFCLOpt(LearnedOptimizer):
     ):
         check_lr(lr, "lr")
         check_weight_decay(weight_decay, "weight_decay")
+        constants = dict(pretrained=pretrained, step_mult=step_mult, exp_mult=exp_mult,
+                         decay_offsets=decay_offsets, revision=revision)
         network, layout = load_small_fc_lopt_network(pretrained, revision=revision)
         self.network = network
         self.layout = layout
-        self.step_mult = float(network.step_mult if step_mult is None else step_mult)
+        if step_mult is None:
+            step_mult = network.step_mult if self._default_step_mult is None else self._default_step_mult
+        self.step_mult = float(step_mult)
         self.exp_mult = float(network.exp_mult if exp_mult is None else exp_mult)
         for name, value in (("step_mult", self.step_mult), ("exp_mult", self.exp_mult)):
             if not math.isfinite(value):
@@ -79,9 +89,8 @@ class SmallFCLOpt(LearnedOptimizer):
         offsets = network.decay_offsets if decay_offsets is None else decay_offsets
         self.decay_offsets = check_decay_offsets(offsets)
         self._meta_cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
-        defaults = dict(lr=lr, weight_decay=weight_decay, capturable=capturable, fused=fused)
-        constants = dict(pretrained=pretrained, step_mult=step_mult, exp_mult=exp_mult,
-                         decay_offsets=decay_offsets, revision=revision)
+        defaults = dict(lr=lr, weight_decay=weight_decay, capturable=capturable, fused=fused,
+                        **self._group_defaults)
         super().__init__(params, defaults, fused, constants)
 
     # -- param groups -------------------------------------------------------------------------
@@ -152,8 +161,8 @@ class SmallFCLOpt(LearnedOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        with phase("lo_ops.small_fc_lopt.step"):  # (after the closure: the model's time is not ours)
-            with phase("lo_ops.small_fc_lopt.collect"):
+        with phase(f"lo_ops.{self._profile_name}.step"):  # (after the closure: the model's time is not ours)
+            with phase(f"lo_ops.{self._profile_name}.collect"):
                 calls, sharded_groups = [], []
                 for gi, group in enumerate(self.param_groups):
                     lists, sharded = [[] for _ in range(8)], [[] for _ in range(8)]
@@ -163,20 +172,24 @@ class SmallFCLOpt(LearnedOptimizer):
                     if lists[0]:
                         calls += [(group, device, bucket) for (device, _), bucket in split_buckets(lists).items()]
             skip = None
-            if len(calls) > 1 or (calls and sharded_groups):
-                with phase("lo_ops.small_fc_lopt.nonfinite_check"):
+            if (len(calls) > 1 or (calls and sharded_groups)) and not self._nan_to_num:
+                with phase(f"lo_ops.{self._profile_name}.nonfinite_check"):
                     skip = _phases.nonfinite_found([b[1] for _, _, b in calls])
             if sharded_groups:
-                with phase("lo_ops.small_fc_lopt.sharded_update"):
+                with phase(f"lo_ops.{self._profile_name}.sharded_update"):
                     skip = self._step_sharded(sharded_groups, skip)
-            with phase("lo_ops.small_fc_lopt.update"):
+            with phase(f"lo_ops.{self._profile_name}.update"):
                 for group, device, bucket in calls:
                     weights, decays = self._meta(device)
                     lr = group_lr(group, device)
                     fn = torch.ops.lo_ops.small_fc_lopt_step_ if self._fused_for(device) else reference.small_fc_lopt_step_
                     fn(*bucket, lr, weights, decays, float(group["weight_decay"]), self.step_mult, self.exp_mult,
-                       None if skip is None else skip.to(device, non_blocking=True))
+                       None if skip is None else skip.to(device, non_blocking=True), **self._step_options(group))
         return loss
+
+    def _step_options(self, group) -> dict[str, Any]:
+        """The op's μLO arguments for ``group`` (none for small_fc_lopt itself)."""
+        return {}
 
     def _step_sharded(self, sharded_groups, skip: Tensor | None) -> Tensor:
         """The DTensor parameters of every group (``(group index, lists)`` pairs): the phases
@@ -194,16 +207,22 @@ class SmallFCLOpt(LearnedOptimizer):
         weights, decays = self._meta(device)
         lrs = [group_lr(group, device) for group in self.param_groups]
         wds = [float(group["weight_decay"]) for group in self.param_groups]
+        scales = [self._step_options(group).get("step_scale", 1.0) for group in self.param_groups]
         skip = None if skip is None else skip.to(device, non_blocking=True)
+        if self._nan_to_num:  # (local shards: nan_to_num copies of the gradients, then finite)
+            for s in slots:
+                s.g = torch.nan_to_num(s.g, nan=0.0, posinf=reference.FLOAT32_MAX, neginf=-reference.FLOAT32_MAX)
         if self._phased_fused_for(device):
             return _phases.small_fc_lopt_step(
                 slots, steps, groups=groups, lrs=lrs, weight_decays=wds, weights=weights, decays=decays,
                 step_mult=self.step_mult, exp_mult=self.exp_mult, reduce=_distributed.all_reduce_sums, skip=skip,
+                step_scales=scales,
             )
         return reference.small_fc_lopt_slots(
             slots, steps, lr=[lrs[g] for g in groups], weights=[unpack_weights(weights)] * len(slots),
             decays=[decays] * len(slots), weight_decay=[wds[g] for g in groups],
             step_mult=self.step_mult, exp_mult=self.exp_mult, reduce=_distributed.all_reduce_sums, skip=skip,
+            step_scale=[scales[g] for g in groups],
         )
 
     def _expected_state(self, p: Tensor) -> dict[str, tuple[int, ...]]:
