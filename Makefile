@@ -23,16 +23,18 @@ DEPS := $(BASE_DEPS) sklearn:scikit-learn matplotlib:matplotlib
 # The tests' own: the frameworks lo_ops.integrations is tested against, property-based and
 # golden tests. Installed against the torch already there (a constraint), never replacing it.
 TEST_DEPS := transformers:transformers accelerate:accelerate lightning:lightning \
-             hypothesis:hypothesis expecttest:expecttest mup:mup
+             hypothesis:hypothesis expecttest:expecttest yaml:pyyaml
+# mup declares torchvision (and plotting packages) as requirements, but `import mup` needs only
+# torch and yaml; a torchvision wheel built for another torch breaks transformers and lightning.
+TEST_DEPS_NO_DEPS := mup:mup
 TEST_STAMP := $(VENV)/.lo_ops-test-deps
-# $(call install_deps,PYTHON,DEPS): install the packages of DEPS that PYTHON cannot import (never
-# replacing the torch it has), and
-# setuptools>=64 and wheel.
+# $(call install_deps,PYTHON,DEPS[,PIP_FLAGS]): install the packages of DEPS that PYTHON cannot
+# import (never replacing the torch it has), and setuptools>=64 and wheel.
 define install_deps
 	@missing=""; for d in $(2); do $(1) -c "import $${d%%:*}" 2>/dev/null || missing="$$missing $${d#*:}"; done; \
 	if [ -n "$$missing" ]; then echo "installing:$$missing"; c=$$(mktemp); \
 	  $(1) -c "import torch; print('torch==' + torch.__version__)" > $$c 2>/dev/null || : > $$c; \
-	  $(1) -m pip install -c $$c $$missing; rc=$$?; rm -f $$c; exit $$rc; fi
+	  $(1) -m pip install $(3) -c $$c $$missing; rc=$$?; rm -f $$c; exit $$rc; fi
 	$(1) -c "import setuptools, wheel, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 64)" 2>/dev/null \
 	  || $(1) -m pip install "setuptools>=64" wheel
 endef
@@ -49,6 +51,7 @@ demo: setup
 
 $(TEST_STAMP): $(STAMP)
 	$(call install_deps,$(PY),$(TEST_DEPS))
+	$(call install_deps,$(PY),$(TEST_DEPS_NO_DEPS),--no-deps)
 	touch $(TEST_STAMP)
 
 test: setup $(TEST_STAMP)
