@@ -74,8 +74,9 @@ TORCH_LIBRARY(lo_ops, m) {
 
   // Phase 1: per tensor with ndim >= 2, the sums of g^2 + 1e-30 over d0 (shaped like r without
   // its channel axis) and over d1 (like c); gradients clipped to [-grad_clip, grad_clip] first
-  // when grad_clip > 0.
-  m.def("factored_gsq_sums(Tensor[] grads, int[] global_geometry, float grad_clip) -> Tensor[]");
+  // when grad_clip > 0 (after nan_to_num, μLO's, when nan_to_num).
+  m.def("factored_gsq_sums(Tensor[] grads, int[] global_geometry, float grad_clip, "
+        "bool nan_to_num=False) -> Tensor[]");
 
   // Phase 2: fac_row / fac_col take the means of g^2 (complete phase-1 sums over the whole
   // sizes of d0 / d1) with decays[4:7] ([7] or [T, 7]); returns the sums of the new r over its
@@ -87,11 +88,13 @@ TORCH_LIBRARY(lo_ops, m) {
 
   // Phase 3: momentum, rms and fac_diag updated in place; returns [T, 28] (small_fc_lopt) or
   // [T, 30] (VeLO) sums of squares of each feature channel over the shard, from the complete
-  // phase-2 row sums. When skip is true, nothing is changed and the sums are zeros.
+  // phase-2 row sums. When skip is true, nothing is changed and the sums are zeros. The
+  // small_fc_lopt phase ops' nan_to_num is the one-call op's (μLO's gradients).
   m.def(
       "small_fc_lopt_feature_sums_(Tensor[] params, Tensor[] grads, Tensor(a!)[] momentum, "
       "Tensor(b!)[] rms, Tensor[] fac_row, Tensor[] fac_col, Tensor(c!)[] fac_diag, "
-      "Tensor[] row_sums, Tensor decays, Tensor? skip, int[] global_geometry) -> Tensor");
+      "Tensor[] row_sums, Tensor decays, Tensor? skip, int[] global_geometry, "
+      "bool nan_to_num=False) -> Tensor");
   m.def(
       "velo_feature_sums_(Tensor[] params, Tensor[] grads, Tensor(a!)[] momentum, "
       "Tensor(b!)[] rms, Tensor[] fac_row, Tensor[] fac_col, Tensor(c!)[] fac_diag, "
@@ -105,7 +108,7 @@ TORCH_LIBRARY(lo_ops, m) {
       "Tensor[] rms, Tensor[] fac_row, Tensor[] fac_col, Tensor[] fac_diag, "
       "Tensor(b!)[] state_steps, Tensor lr, Tensor meta_weights, Tensor decays, Tensor? skip, "
       "Tensor[] row_sums, Tensor feature_sums, int[] global_geometry, float weight_decay, "
-      "float step_mult, float exp_mult, float step_scale=1.0) -> ()");
+      "float step_mult, float exp_mult, float step_scale=1.0, bool nan_to_num=False) -> ()");
   m.def(
       "velo_apply_(Tensor(a!)[] params, Tensor[] grads, Tensor[] momentum, Tensor[] rms, "
       "Tensor[] fac_row, Tensor[] fac_col, Tensor[] fac_diag, Tensor lr, Tensor mlp_weights, "

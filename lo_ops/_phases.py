@@ -83,9 +83,10 @@ def split(values: list[Tensor], counts: list[int]) -> list[list[Tensor]]:
     return out
 
 
-def gsq_sums(b: Bucket, grad_clip: float) -> list[PartialSum]:
-    """Round 1: the sums of g^2 over d0 and over d1 of each factored tensor."""
-    sums = torch.ops.lo_ops.factored_gsq_sums(b.grads, b.geometry, grad_clip)
+def gsq_sums(b: Bucket, grad_clip: float, nan_to_num: bool = False) -> list[PartialSum]:
+    """Round 1: the sums of g^2 over d0 and over d1 of each factored tensor (the gradients
+    through nan_to_num first with ``nan_to_num``, μLO's)."""
+    sums = torch.ops.lo_ops.factored_gsq_sums(b.grads, b.geometry, grad_clip, nan_to_num)
     out: list[PartialSum] = []
     for k, geo in enumerate(b.factored):
         d0, d1 = geo.axes
@@ -144,21 +145,25 @@ def per_tensor(sums: Tensor, b: Bucket) -> list[PartialSum]:
 def small_fc_lopt_step(slots: list[Slot], steps: list[Tensor], *, groups: list[int], lrs: list[Tensor],
                        weight_decays: list[float], weights: Tensor, decays: Tensor, step_mult: float,
                        exp_mult: float, reduce: Reduce, skip: Tensor | None = None,
-                       step_scales: list[float] | None = None) -> Tensor:
+                       step_scales: list[float] | None = None, nan_to_num: bool = False) -> Tensor | None:
     """One small_fc_lopt step of ``slots`` with the fused phase ops; slot i belongs to param
     group ``groups[i]``, whose lr and weight decay are ``lrs[g]`` and ``weight_decays[g]``.
     Three rounds of sums for all groups together. A NaN or an infinity in any shard, or
-    ``skip`` true, skips the step on every rank; returns that decision (true: skipped).
-    ``step_scales`` (per group, μLO's s) multiply the steps."""
+    ``skip`` true, skips the step on every rank; returns that decision (true: skipped; None: no
+    decision, with nan_to_num and no ``skip``).
+    ``step_scales`` (per group, μLO's s) multiply the steps; with ``nan_to_num`` (μLO's) every
+    gradient element goes through nan_to_num first, inside the ops, and no gradient skips the
+    step."""
     buckets = buckets_of(slots, key=lambda i: groups[i])
     geometry_counts = [2 * len(b.factored) for b in buckets]
-    gsq = [x for b in buckets for x in gsq_sums(b, 0.0)]
+    gsq = [x for b in buckets for x in gsq_sums(b, 0.0, nan_to_num)]
     # Each tensor's non-finite flag rides in the first round: a NaN or an infinity in any shard
     # of any gradient skips the step on every rank.
-    flags = [x for b in buckets for x in per_tensor(nonfinite_flags(b.grads)[:, None], b)]
+    flags = [] if nan_to_num else [x for b in buckets for x in per_tensor(nonfinite_flags(b.grads)[:, None], b)]
     first = reduce(gsq + flags)
-    found = torch.cat(first[len(gsq):]).sum() > 0
-    skip = found if skip is None else found | skip
+    if flags:
+        found = torch.cat(first[len(gsq):]).sum() > 0
+        skip = found if skip is None else found | skip
     gsq = split(first[:len(gsq)], geometry_counts)
     row_counts = [len(b.factored) for b in buckets]
     rows = split(reduce([x for b, g in zip(buckets, gsq) for x in factored_update(b, g, decays, skip)]), row_counts)
@@ -166,12 +171,13 @@ def small_fc_lopt_step(slots: list[Slot], steps: list[Tensor], *, groups: list[i
     for b, r in zip(buckets, rows):
         momentum, rms, fac_row, fac_col, fac_diag = b.accumulators
         partial += per_tensor(torch.ops.lo_ops.small_fc_lopt_feature_sums_(
-            b.params, b.grads, momentum, rms, fac_row, fac_col, fac_diag, r, decays, skip, b.geometry), b)
+            b.params, b.grads, momentum, rms, fac_row, fac_col, fac_diag, r, decays, skip, b.geometry,
+            nan_to_num), b)
     features = split(reduce(partial), [len(b.slots) for b in buckets])
     for b, r, f in zip(buckets, rows, features):
         g = groups[b.index[0]]
         torch.ops.lo_ops.small_fc_lopt_apply_(
             b.params, b.grads, *b.accumulators, [steps[i] for i in b.index], lrs[g], weights, decays, skip, r,
             torch.stack(f), b.geometry, weight_decays[g], step_mult, exp_mult,
-            1.0 if step_scales is None else float(step_scales[g]))
+            1.0 if step_scales is None else float(step_scales[g]), nan_to_num)
     return skip

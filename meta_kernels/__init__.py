@@ -253,7 +253,7 @@ def _check_row_sums(op, row_sums, params, axes):
 
 
 @torch.library.register_fake("lo_ops::factored_gsq_sums")
-def factored_gsq_sums_fake(grads, global_geometry, grad_clip):
+def factored_gsq_sums_fake(grads, global_geometry, grad_clip, nan_to_num=False):
     axes = _phase_axes("factored_gsq_sums", grads, global_geometry)
     return [g.new_empty(_without(g.shape, axis), dtype=torch.float64)
             for g, ax in zip(grads, axes) if g.dim() >= 2 for axis in ax]
@@ -289,7 +289,7 @@ def _feature_sums_fake(op, features, params, grads, momentum, rms, fac_row, fac_
 
 @torch.library.register_fake("lo_ops::small_fc_lopt_feature_sums_")
 def small_fc_lopt_feature_sums_fake(params, grads, momentum, rms, fac_row, fac_col, fac_diag, row_sums, decays,
-                                    skip, global_geometry):
+                                    skip, global_geometry, nan_to_num=False):
     _check_skip("small_fc_lopt_feature_sums_", skip)
     out = _feature_sums_fake("small_fc_lopt_feature_sums_", SMALL_FC_LOPT_FEATURES, params, grads, momentum,
                              rms, fac_row, fac_col, fac_diag, row_sums, global_geometry)
@@ -322,7 +322,7 @@ def _check_feature_sums(op, feature_sums, n, features):
 @torch.library.register_fake("lo_ops::small_fc_lopt_apply_")
 def small_fc_lopt_apply_fake(params, grads, momentum, rms, fac_row, fac_col, fac_diag, state_steps, lr,
                              meta_weights, decays, skip, row_sums, feature_sums, global_geometry,
-                             weight_decay, step_mult, exp_mult, step_scale=1.0):
+                             weight_decay, step_mult, exp_mult, step_scale=1.0, nan_to_num=False):
     op = "small_fc_lopt_apply_"
     _check_skip(op, skip)
     axes = _phase_axes(op, params, global_geometry)

@@ -281,7 +281,8 @@ def test_phase_ops_equal_the_one_call_ops_on_the_gpu(dtype, monkeypatch):
     import test_phase_ops as phases
 
     monkeypatch.setattr(phases, "DEVICE", "cuda")
-    phases.test_small_fc_lopt_phases_equal_the_step_op_bitwise(dtype)
+    for mulo in (False, True):
+        phases.test_small_fc_lopt_phases_equal_the_step_op_bitwise(dtype, mulo)
     for skip in (False, True):
         phases.test_velo_phases_equal_the_step_ops_bitwise(dtype, skip)
     for axis, count in ((0, 3), (1, 2), (2, 5)):

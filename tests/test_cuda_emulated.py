@@ -379,12 +379,14 @@ def test_compiled_step_through_the_emulated_kernels(kind):
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_phase_ops_equal_the_one_call_ops_bitwise(schedule):
     """On whole tensors the emulated phase kernels give bitwise the emulated one-call kernels'
-    numbers (parameters, every state, step counts; VeLO's X), with and without skip."""
+    numbers (parameters, every state, step counts; VeLO's X), with and without skip, and with
+    μLO's step multiplier and nan_to_num."""
     import test_phase_ops as phases
 
     with testing.cuda_emulation(schedule, seed=5):
         for dtype in (torch.float32, torch.bfloat16):
-            phases.test_small_fc_lopt_phases_equal_the_step_op_bitwise(dtype)
+            for mulo in (False, True):
+                phases.test_small_fc_lopt_phases_equal_the_step_op_bitwise(dtype, mulo)
             for skip in (False, True):
                 phases.test_velo_phases_equal_the_step_ops_bitwise(dtype, skip)
         phases.test_shards_without_elements_add_nothing()

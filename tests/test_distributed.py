@@ -646,3 +646,73 @@ def test_vectors_through_sharded_parameters(world, velo_fixture_dir, small_fc_lo
     from conftest import SHARED
 
     spawn(world, _vectors_case, str(SHARED), velo_fixture_dir, str(small_fc_lopt_fixture_dir))
+
+
+def _mulo_case(rank, world, small_fc_lopt_fixture):
+    """MuLO on sharded parameters: param groups with mixed ``mup_scale`` (one of them plain),
+    gradients holding NaNs in some shards (μLO maps them to 0 through nan_to_num, so the step
+    is taken everywhere; an infinity becomes FLT_MAX, whose square overflows, as in the
+    original), fp32 and bf16, both paths: equal to one process."""
+    import lo_ops
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    shapes = [(37, 5), (7,), (5, 37), (3, 20, 7), (), (70, 80), (9, 4)]
+    for kind in ("fsdp", "tp"):
+        for dtype in (torch.float32, torch.bfloat16):
+            for fused in (None, False):
+                full = make_tensors(shapes, dtype)
+                ref_params = [torch.nn.Parameter(t.clone()) for t in full]
+                params = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, _placements(kind, t.shape, 1),
+                                                               src_data_rank=None)) for t in full]
+
+                def groups(ps):
+                    return [{"params": ps[:2], "mup_scale": 1 / 37}, {"params": ps[2:4], "weight_decay": 0.1},
+                            {"params": ps[4:6], "mup_scale": 1 / 80, "lr": 0.5}, {"params": ps[6:], "mup_scale": 0.25}]
+
+                ref = lo_ops.MuLO(groups(ref_params), lr=0.7, pretrained=small_fc_lopt_fixture, fused=fused)
+                opt = lo_ops.MuLO(groups(params), lr=0.7, pretrained=small_fc_lopt_fixture, fused=fused)
+                for k in range(3):
+                    grads = make_tensors(shapes, dtype, seed=300 + k, scale=0.1)
+                    grads[0][k, 1] = float("nan")  # (rows 0-2 of a Shard(0) [37, 5]: rank 0's shard)
+                    grads[2][4, 30 + k] = float("nan")  # (the last columns: the last rank's TP shard)
+                    grads[5][60, 2] = float("nan")
+                    grads[6].view(-1)[k] = float("nan")
+                    before = [p.detach().clone() for p in ref_params]
+                    for p, q, g in zip(ref_params, params, grads):
+                        p.grad = g.clone()
+                        q.grad = distribute_tensor(g.clone(), mesh, q.placements, src_data_rank=None)
+                    ref.step()
+                    opt.step()
+                    for i, (p, q, old) in enumerate(zip(ref_params, params, before)):
+                        what = f"mulo {kind} {dtype} fused={fused} step {k} param {i}"
+                        assert torch.isfinite(p).all(), what
+                        step_size = (p.detach().float() - old.float()).abs().max().item()
+                        assert step_size > 0 or dtype == torch.bfloat16, what  # (bf16: below an ulp)
+                        assert_param_close(q.to_local(), local_part(p, q), step_size, what)
+                        _check_replicated(q, mesh, what)
+                # A last step with +-inf (FLT_MAX after nan_to_num, then non-finite squares, as in the
+                # original): the same state, NaNs and infinities included, FLT_MAX momentum in bf16 too.
+                grads = make_tensors(shapes, dtype, seed=400, scale=0.1)
+                grads[5][60, 2], grads[2][4, 36] = float("inf"), -float("inf")
+                for p, q, g in zip(ref_params, params, grads):
+                    p.grad = g.clone()
+                    q.grad = distribute_tensor(g.clone(), mesh, q.placements, src_data_rank=None)
+                ref.step()
+                opt.step()
+                assert ref.state[ref_params[5]]["momentum"][:, 60, 2].abs().min() > 1e34
+                for i, (p, q) in enumerate(zip(ref_params, params)):
+                    for key, value in ref.state[p].items():
+                        what = f"mulo {kind} {dtype} fused={fused} param {i} state {key}"
+                        got = opt.state[q][key]
+                        if key == "step":
+                            assert torch.equal(got, value), what
+                        else:
+                            torch.testing.assert_close(got.to_local(), local_part(value, got), rtol=1e-6, atol=0,
+                                                       equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_mulo_sharded_with_mup_scales_and_nonfinite_gradients(world, small_fc_lopt_fixture_dir):
+    spawn(world, _mulo_case, str(small_fc_lopt_fixture_dir))

@@ -5,6 +5,7 @@ import copy
 import json
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -321,6 +322,22 @@ def test_param_groups_of_a_transformer():
         assert scales[name] == 1.0
 
 
+def test_param_groups_of_a_convolutional_model():
+    """Conv kernels whose in and out channels both grow with the width are hidden, with fan_in
+    = in-channels (lo_ops' choice; the original defines none); the patch embedding (3 input
+    channels), norms and the readout are not."""
+    c = 48
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, c, 4, stride=4), torch.nn.BatchNorm2d(c), torch.nn.ReLU(),
+                                torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv1d(c, c, 1), torch.nn.Flatten(),
+                                lo_ops.mup.MuReadout(c * 4, 10))
+    scales = _scales(lo_ops.mup.param_groups(model))
+    assert scales["3.weight"] == 1 / c and scales["5.weight"] == 1 / c
+    for name in ("0.weight", "0.bias", "1.weight", "1.bias", "3.bias", "5.bias", "7.weight", "7.bias"):
+        assert scales[name] == 1.0, name
+    assert lo_ops.mup.hidden_matrices(model) == {"3.weight": c, "5.weight": c}
+
+
 def test_param_groups_said_explicitly():
     model = _MLP(width=20)  # the input size equals the width: inferred roles would mark inp as hidden
     assert _scales(lo_ops.mup.param_groups(model))["inp.weight"] == 1 / 20
@@ -383,3 +400,32 @@ def test_mup_mlp_trains_with_mulo_and_the_pylo_layout_weights():
     assert all(math.isfinite(v) for v in losses)  # (the fixture's meta-weights are random: no descent promised)
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert opt.state[model.h1.weight]["step"].item() == 30
+
+
+def test_readme_example_and_examples_script_run():
+    """README's μLO example (its code block, the Hub id swapped for the test weights) and
+    examples/mup_mlp_mulo.py."""
+    import re
+    import subprocess
+    import sys
+
+    pylo = FIXTURES / "small_fc_lopt_init" / "pylo_hub" / "MetaMLP"
+    if not pylo.exists():
+        pytest.skip(f"no {pylo}")
+    root = Path(__file__).resolve().parent.parent
+    blocks = re.findall(r"```python\n(.*?)```", (root / "README.md").read_text(), re.S)
+    (code,) = [b for b in blocks if "class MuMLP" in b]
+    torch.manual_seed(0)
+    batches = [(torch.randn(32, 64), torch.randint(0, 10, (32,))) for _ in range(3)]
+    scope = {"torch": torch, "nn": torch.nn, "lo_ops": lo_ops, "batches": batches}
+    exec(compile(code.replace('"btherien/mulo"', repr(str(pylo))), "README.md", "exec"), scope)
+    opt, model = scope["opt"], scope["model"]
+    assert {g["mup_scale"] for g in opt.param_groups} == {1.0, 1 / 1024}
+    assert opt.state[model.h1.weight]["step"].item() == 3
+    out = subprocess.run([sys.executable, str(root / "examples" / "mup_mlp_mulo.py"), "--weights", str(pylo),
+                          "--steps", "4", "--width", "64"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "mup_scale 0.015625: h1.weight, h2.weight" in out.stdout
+    losses = [float(v) for v in re.findall(r"train loss (\S+)", out.stdout)]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    assert re.search(r"test accuracy \d\.\d{3}", out.stdout)

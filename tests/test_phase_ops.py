@@ -58,20 +58,36 @@ def _velo_extra(n, seed=1):
 
 # -- whole tensors: the phases are the one-call op ---------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_small_fc_lopt_phases_equal_the_step_op_bitwise(dtype):
+@pytest.mark.parametrize("mulo", [False, True])
+def test_small_fc_lopt_phases_equal_the_step_op_bitwise(dtype, mulo):
+    """mulo: μLO's step multiplier and nan_to_num, with NaN and +-inf in the gradients (in bf16
+    and fp16 too: +-inf becomes float32's FLT_MAX, which neither of them can hold)."""
     shapes = SHAPES + [(4100,), (64, 300)]
     weights, decays, lr = _network(), _decays(), _t(0.3)
     a = _lists(shapes, dtype)
+    options = {}
+    if mulo:
+        options = {"step_scale": 1 / 37, "nan_to_num": True}
+        grads = a[1]
+        grads[0].view(-1)[0] = float("nan")
+        grads[-1][5, 7], grads[-1][9, 1], grads[-1][20, 299] = float("inf"), -float("inf"), float("nan")
+        grads[-2][4099] = float("nan")
     b = _clone(a)
     steps_a = [_t(4.0) for _ in shapes]
     steps_b = [_t(4.0) for _ in shapes]
-    ops.small_fc_lopt_step_(*a, steps_a, lr, weights, decays, 0.01, 0.001, 0.5)
-    _phases.small_fc_lopt_step(reference.slots_of(*b), steps_b, groups=[0] * len(shapes), lrs=[lr], weight_decays=[0.01],
-                               weights=weights, decays=decays, step_mult=0.001, exp_mult=0.5,
-                               reduce=reference.local_sums)
+    ops.small_fc_lopt_step_(*a, steps_a, lr, weights, decays, 0.01, 0.001, 0.5, None, **options)
+    skip = _phases.small_fc_lopt_step(
+        reference.slots_of(*b), steps_b, groups=[0] * len(shapes), lrs=[lr], weight_decays=[0.01], weights=weights,
+        decays=decays, step_mult=0.001, exp_mult=0.5, reduce=reference.local_sums,
+        step_scales=[options.get("step_scale", 1.0)], nan_to_num=mulo)
+    assert (skip is None) if mulo else not skip.item()
+    assert all(s.item() == 5.0 for s in steps_a)  # (taken, not skipped)
     for la, lb in zip(a + [steps_a], b + [steps_b]):
         for x, y in zip(la, lb):
-            assert torch.equal(x, y)
+            assert torch.equal(x, y) or (mulo and torch.allclose(x, y, rtol=0, atol=0, equal_nan=True))
+    if mulo:  # the NaN-free tensors stay finite; the one with infinities holds FLT_MAX momentum
+        assert all(torch.isfinite(p).all() for p in a[0][:-1])
+        assert a[2][-1][:, 5, 7].min() > 1e34
 
 
 def _velo_phases(lists, mlp, lr_mult, skip, lr, loss_features, iteration, num_steps):
@@ -317,12 +333,18 @@ def test_opcheck(case):
     skip, lr = torch.tensor(False), torch.tensor(0.5)
     if shapes:  # (with no tensor argument an op cannot be dispatched; the optimizers never call it so)
         torch.library.opcheck(ops.factored_gsq_sums.default, (lists[1], geometry, 0.0))
+        torch.library.opcheck(ops.factored_gsq_sums.default, (lists[1], geometry, 0.0, True))  # μLO's
         torch.library.opcheck(ops.velo_lstm_moments.default, (*lists[:4], None))
     torch.library.opcheck(ops.factored_update_.default, (lists[0], lists[4], lists[5], gsq, decays, skip, geometry))
     torch.library.opcheck(ops.small_fc_lopt_feature_sums_.default, (*lists, rows, decays, skip, geometry))
     torch.library.opcheck(ops.small_fc_lopt_apply_.default,
                           (*lists, [torch.tensor(2.0) for _ in shapes], lr, _network(), decays, skip, rows, features,
                            geometry, 0.01, 0.001, 0.5))
+    # μLO's: nan_to_num and the step multiplier
+    torch.library.opcheck(ops.small_fc_lopt_feature_sums_.default, (*lists, rows, decays, skip, geometry, True))
+    torch.library.opcheck(ops.small_fc_lopt_apply_.default,
+                          (*lists, [torch.tensor(2.0) for _ in shapes], lr, _network(), decays, skip, rows, features,
+                           geometry, 0.01, 0.001, 0.5, 0.125, True))
     velo_features = torch.rand(n, 30, dtype=torch.float64)
     torch.library.opcheck(ops.velo_feature_sums_.default, (*lists, rows, skip, geometry))
     torch.library.opcheck(ops.velo_apply_.default, (*lists, lr, mlp, lr_mult, skip, rows, velo_features, geometry,

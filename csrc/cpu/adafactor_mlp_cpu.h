@@ -290,14 +290,17 @@ LO_HD void run_reduce_task(const ReduceTask& t, TensorWork<P>& w) {
 // The phase ops' reductions (tensors that may be shards): sums, not means, written out for the
 // caller to add up across shards.
 
-// Sums of g^2 + 1e-30 (g clipped to [-grad_clip, grad_clip] when grad_clip > 0) over the middle
-// axis of the task's view, into out[o * I + i].
+// Sums of g^2 + 1e-30 (g through nan_to_num first when finite_grads, then clipped to
+// [-grad_clip, grad_clip] when grad_clip > 0) over the middle axis of the task's view, into
+// out[o * I + i].
 template <typename Isa, typename scalar_t>
-LO_HD void gsq_sum_task(const ReduceTask& t, const scalar_t* g, float grad_clip, double* out) {
+LO_HD void gsq_sum_task(const ReduceTask& t, const scalar_t* g, float grad_clip, bool finite_grads,
+                        double* out) {
   using V = typename Isa::V;
   double acc[256];
   const auto gsq = [&](int64_t e, int count) {
     V x = load_lanes<V>(g + e, count);
+    if (finite_grads) x = nan_to_num(x);
     if (grad_clip > 0.f) x = clip(x, -grad_clip, grad_clip);
     return first_lanes(factored_gsq(x), count);
   };
@@ -621,8 +624,8 @@ LO_HD void ema_of_sums(float* state, const double* sums, int64_t size, double co
 #define LO_DEFINE_SUM_ENTRIES(NAME, ISA, TARGET)                                               \
   template <typename scalar_t>                                                                 \
   TARGET void gsq_sum_task_##NAME(const ReduceTask& t, const scalar_t* g, float clip,          \
-                                  double* out) {                                               \
-    gsq_sum_task<ISA, scalar_t>(t, g, clip, out);                                              \
+                                  bool finite_grads, double* out) {                            \
+    gsq_sum_task<ISA, scalar_t>(t, g, clip, finite_grads, out);                                \
   }                                                                                            \
   TARGET inline void row_sum_task_##NAME(const ReduceTask& t, const float* r, int64_t size,    \
                                          int64_t out_size, double* out) {                      \
@@ -695,12 +698,13 @@ void update_chunk_for(CpuIsa isa, TensorWork<P>& w, int64_t e0, int64_t e1, floa
 }
 
 template <typename scalar_t>
-void gsq_sum_task_for(CpuIsa isa, const ReduceTask& t, const scalar_t* g, float clip, double* out) {
+void gsq_sum_task_for(CpuIsa isa, const ReduceTask& t, const scalar_t* g, float clip, bool finite_grads,
+                      double* out) {
 #if LO_HAVE_ISA_CLONES
-  if (isa == CpuIsa::kAvx512) return gsq_sum_task_avx512(t, g, clip, out);
-  if (isa == CpuIsa::kAvx2) return gsq_sum_task_avx2(t, g, clip, out);
+  if (isa == CpuIsa::kAvx512) return gsq_sum_task_avx512(t, g, clip, finite_grads, out);
+  if (isa == CpuIsa::kAvx2) return gsq_sum_task_avx2(t, g, clip, finite_grads, out);
 #endif
-  gsq_sum_task_base(t, g, clip, out);
+  gsq_sum_task_base(t, g, clip, finite_grads, out);
 }
 
 inline void row_sum_task_for(CpuIsa isa, const ReduceTask& t, const float* r, int64_t size,

@@ -58,7 +58,7 @@ void rebuild_scratch(std::vector<cpu::TensorWork<P>>& work, at::TensorList row_s
 // -- phase 1 -----------------------------------------------------------------------------------
 std::vector<at::Tensor> factored_gsq_sums_cpu(at::TensorList grads,
                                               c10::IntArrayRef global_geometry,
-                                              double grad_clip) {
+                                              double grad_clip, bool nan_to_num) {
   const auto infos = check_shards("factored_gsq_sums", "grads", grads, global_geometry);
   std::vector<at::Tensor> out, g(grads.size());
   struct Target {
@@ -97,7 +97,7 @@ std::vector<at::Tensor> factored_gsq_sums_cpu(at::TensorList grads,
           const auto& t = tasks[i];
           const Target& target = targets[t.tensor];
           cpu::gsq_sum_task_for<scalar_t>(isa, t, g[target.grad].data_ptr<scalar_t>(), clip_value,
-                                          target.out);
+                                          nan_to_num, target.out);
         });
   });
   return out;
@@ -226,7 +226,7 @@ at::Tensor small_fc_lopt_feature_sums_cpu(at::TensorList params, at::TensorList 
                                           at::TensorList fac_diag, at::TensorList row_sums,
                                           const at::Tensor& decays,
                                           const c10::optional<at::Tensor>& skip,
-                                          c10::IntArrayRef global_geometry) {
+                                          c10::IntArrayRef global_geometry, bool nan_to_num) {
   constexpr const char* op = "small_fc_lopt_feature_sums_";
   const auto infos = check_accumulator_inputs(op, params, grads, momentum, rms, fac_row, fac_col,
                                               fac_diag, global_geometry);
@@ -240,7 +240,10 @@ at::Tensor small_fc_lopt_feature_sums_cpu(at::TensorList params, at::TensorList 
   const int64_t stride = table_row_stride(decays, kDecays);
   return feature_sums_bucket<small_fc_lopt::Policy>(
       infos, params, grads, momentum, rms, fac_row, fac_col, fac_diag, row_sums,
-      [&](size_t i, cpu::TensorWork<small_fc_lopt::Policy>& w) { w.decays = d + i * stride; });
+      [&](size_t i, cpu::TensorWork<small_fc_lopt::Policy>& w) {
+        w.decays = d + i * stride;
+        w.nan_to_num = nan_to_num;
+      });
 }
 
 void small_fc_lopt_apply_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum,
@@ -250,7 +253,8 @@ void small_fc_lopt_apply_cpu(at::TensorList params, at::TensorList grads, at::Te
                              const at::Tensor& decays, const c10::optional<at::Tensor>& skip,
                              at::TensorList row_sums, const at::Tensor& feature_sums,
                              c10::IntArrayRef global_geometry, double weight_decay,
-                             double step_mult, double exp_mult, double step_scale) {
+                             double step_mult, double exp_mult, double step_scale,
+                             bool nan_to_num) {
   constexpr const char* op = "small_fc_lopt_apply_";
   const auto infos = check_small_fc_lopt_inputs(params, grads, momentum, rms, fac_row, fac_col,
                                                 fac_diag, state_steps, lr, meta_weights, decays,
@@ -271,6 +275,7 @@ void small_fc_lopt_apply_cpu(at::TensorList params, at::TensorList grads, at::Te
         w.decays = d + i * decays_stride;
         w.t = *state_steps[i].data_ptr<float>();
         w.lr_mult = static_cast<float>(step_scale);
+        w.nan_to_num = nan_to_num;
       });
   for (const auto& step : state_steps) *step.data_ptr<float>() += 1.0f;
 }

@@ -356,7 +356,7 @@ std::tuple<at::Tensor, at::Tensor> velo_lstm_input_cuda(at::TensorList params,
 const auto is_factored = [](const TensorArgs& t) { return t.factored && t.numel > 0; };
 
 std::vector<at::Tensor> factored_gsq_sums_cuda(at::TensorList grads, c10::IntArrayRef global_geometry,
-                                               double grad_clip) {
+                                               double grad_clip, bool nan_to_num) {
   const auto infos = check_shards("factored_gsq_sums", "grads", grads, global_geometry);
   std::vector<at::Tensor> out;
   if (grads.empty()) return out;
@@ -385,6 +385,7 @@ std::vector<at::Tensor> factored_gsq_sums_cuda(at::TensorList grads, c10::IntArr
     t.geo = info.geo;
     t.factored = 1;
     t.grad_clip = static_cast<float>(grad_clip);
+    t.nan_to_num = nan_to_num ? 1 : 0;
     t.gsq_row = row.data_ptr<double>();
     t.gsq_col = col.data_ptr<double>();
     t.moment_partials = mp;
@@ -558,7 +559,7 @@ at::Tensor small_fc_lopt_feature_sums_cuda(at::TensorList params, at::TensorList
                                            at::TensorList fac_row, at::TensorList fac_col,
                                            at::TensorList fac_diag, at::TensorList row_sums,
                                            const at::Tensor& decays, const c10::optional<at::Tensor>& skip,
-                                           c10::IntArrayRef global_geometry) {
+                                           c10::IntArrayRef global_geometry, bool nan_to_num) {
   constexpr const char* op = "small_fc_lopt_feature_sums_";
   const auto infos = check_accumulator_inputs(op, params, grads, momentum, rms, fac_row, fac_col,
                                               fac_diag, global_geometry);
@@ -572,7 +573,10 @@ at::Tensor small_fc_lopt_feature_sums_cuda(at::TensorList params, at::TensorList
   return feature_sums_cuda<small_fc_lopt::Policy>(
       op, infos, params, grads, momentum, rms, fac_row, fac_col, fac_diag, row_sums,
       skip.has_value() ? skip->data_ptr<bool>() : nullptr,
-      [&](size_t i, TensorArgs& t) { t.decays = d + i * stride; });
+      [&](size_t i, TensorArgs& t) {
+        t.decays = d + i * stride;
+        t.nan_to_num = nan_to_num ? 1 : 0;
+      });
 }
 
 void small_fc_lopt_apply_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum,
@@ -581,7 +585,8 @@ void small_fc_lopt_apply_cuda(at::TensorList params, at::TensorList grads, at::T
                               const at::Tensor& meta_weights, const at::Tensor& decays,
                               const c10::optional<at::Tensor>& skip, at::TensorList row_sums,
                               const at::Tensor& feature_sums, c10::IntArrayRef global_geometry,
-                              double weight_decay, double step_mult, double exp_mult, double step_scale) {
+                              double weight_decay, double step_mult, double exp_mult, double step_scale,
+                              bool nan_to_num) {
   constexpr const char* op = "small_fc_lopt_apply_";
   const auto infos = check_small_fc_lopt_inputs(params, grads, momentum, rms, fac_row, fac_col, fac_diag,
                                                 state_steps, lr, meta_weights, decays, global_geometry, op);
@@ -602,6 +607,7 @@ void small_fc_lopt_apply_cuda(at::TensorList params, at::TensorList grads, at::T
         t.decays = d + i * decays_stride;
         t.step = state_steps[i].data_ptr<float>();
         t.scale = static_cast<float>(step_scale);
+        t.nan_to_num = nan_to_num ? 1 : 0;
       });
 }
 

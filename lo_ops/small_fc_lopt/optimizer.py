@@ -191,7 +191,7 @@ class SmallFCLOpt(LearnedOptimizer):
         """The op's μLO arguments for ``group`` (none for small_fc_lopt itself)."""
         return {}
 
-    def _step_sharded(self, sharded_groups, skip: Tensor | None) -> Tensor:
+    def _step_sharded(self, sharded_groups, skip: Tensor | None) -> Tensor | None:
         """The DTensor parameters of every group (``(group index, lists)`` pairs): the phases
         on local shards (the fused phase ops where the device has them, else the reference),
         their sums across ranks in three rounds for all groups together. ``skip`` (the
@@ -209,20 +209,17 @@ class SmallFCLOpt(LearnedOptimizer):
         wds = [float(group["weight_decay"]) for group in self.param_groups]
         scales = [self._step_options(group).get("step_scale", 1.0) for group in self.param_groups]
         skip = None if skip is None else skip.to(device, non_blocking=True)
-        if self._nan_to_num:  # (local shards: nan_to_num copies of the gradients, then finite)
-            for s in slots:
-                s.g = torch.nan_to_num(s.g, nan=0.0, posinf=reference.FLOAT32_MAX, neginf=-reference.FLOAT32_MAX)
         if self._phased_fused_for(device):
             return _phases.small_fc_lopt_step(
                 slots, steps, groups=groups, lrs=lrs, weight_decays=wds, weights=weights, decays=decays,
                 step_mult=self.step_mult, exp_mult=self.exp_mult, reduce=_distributed.all_reduce_sums, skip=skip,
-                step_scales=scales,
+                step_scales=scales, nan_to_num=self._nan_to_num,
             )
         return reference.small_fc_lopt_slots(
             slots, steps, lr=[lrs[g] for g in groups], weights=[unpack_weights(weights)] * len(slots),
             decays=[decays] * len(slots), weight_decay=[wds[g] for g in groups],
             step_mult=self.step_mult, exp_mult=self.exp_mult, reduce=_distributed.all_reduce_sums, skip=skip,
-            step_scale=[scales[g] for g in groups],
+            step_scale=[scales[g] for g in groups], nan_to_num=self._nan_to_num,
         )
 
     def _expected_state(self, p: Tensor) -> dict[str, tuple[int, ...]]:
