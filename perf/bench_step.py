@@ -1,6 +1,6 @@
 """Times one optimizer step on the parameter shapes of a real model.
 
-Compares lo_ops' fused SmallFCLOpt, VeLO, Celo and Celo-Adam steps with their pure-PyTorch
+Compares lo_ops' fused SmallFCLOpt, MuLO, VeLO, Celo and Celo-Adam steps with their pure-PyTorch
 references and with torch.optim.AdamW(fused=True), all measured in the same run on the same
 tensors, and writes a JSON result to perf/results/. Ratios, not absolute times, are the
 targets. VeLO runs with the test meta-weights of ../shared/fixtures (same shapes, hence same
@@ -35,6 +35,7 @@ import lo_ops
 HERE = Path(__file__).resolve().parent
 SHARED = Path(os.environ.get("LO_OPS_SHARED", HERE.parent.parent / "shared"))
 PARAM_SETS = SHARED / "bench" / "param_sets.json"
+MULO_WEIGHTS = SHARED / "fixtures" / "small_fc_lopt_init" / "pylo_hub" / "MetaMLP"
 VELO_WEIGHTS = SHARED / "fixtures" / "velo_init" / "jax" / "params.msgpack"
 
 
@@ -135,12 +136,26 @@ def main():
             return lambda: opt.step(loss=loss)
         return build
 
+    def mulo(fused):
+        # μP-like groups: 2-d+ tensors whose two leading sizes are both >= 64 get 1/fan_in
+        # (vit_tiny_16: 3 groups, so 3 op calls), the rest 1; the test meta-weights.
+        def build(ps):
+            scales = {}
+            for p in ps:
+                s = 1.0 / p.shape[1] if p.dim() >= 2 and min(p.shape[:2]) >= 64 else 1.0
+                scales.setdefault(s, []).append(p)
+            groups = [{"params": v, "mup_scale": s} for s, v in scales.items()]
+            return lo_ops.MuLO(groups, pretrained=str(MULO_WEIGHTS), fused=fused).step
+        return build
+
     cuda = args.device.startswith("cuda")
     cases = {
         "adamw_fused": (plain(lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True, capturable=cuda)),
                         args.repeats),
         "small_fc_lopt_fused": (plain(lambda ps: lo_ops.SmallFCLOpt(ps, fused=True)), args.repeats),
         "small_fc_lopt_reference": (plain(lambda ps: lo_ops.SmallFCLOpt(ps, fused=False)), args.reference_repeats),
+        "mulo_fused": (mulo(True), args.repeats),
+        "mulo_reference": (mulo(False), args.reference_repeats),
         "velo_fused": (velo(True), args.repeats),
         "velo_reference": (velo(False), args.reference_repeats),
         "celo_fused": (celo(lo_ops.Celo, True), args.repeats),
@@ -168,7 +183,7 @@ def main():
                 return run
             return make
 
-        for name in ("small_fc_lopt_fused", "velo_fused", "celo_fused", "celo_adam_fused"):
+        for name in ("small_fc_lopt_fused", "mulo_fused", "velo_fused", "celo_fused", "celo_adam_fused"):
             cases[name + "_emulated_cuda"] = (emulated(cases[name][0]), args.emulation_repeats)
     if args.skip_reference:
         cases = {k: v for k, v in cases.items() if not k.endswith("reference")}
@@ -189,6 +204,8 @@ def main():
     ratios = {
         "small_fc_lopt_reference_over_fused": ratio("small_fc_lopt_reference", "small_fc_lopt_fused"),
         "small_fc_lopt_fused_over_adamw": ratio("small_fc_lopt_fused", "adamw_fused"),
+        "mulo_reference_over_fused": ratio("mulo_reference", "mulo_fused"),
+        "mulo_fused_over_small_fc_lopt_fused": ratio("mulo_fused", "small_fc_lopt_fused"),
         "velo_reference_over_fused": ratio("velo_reference", "velo_fused"),
         "velo_fused_over_adamw": ratio("velo_fused", "adamw_fused"),
         "velo_fused_over_small_fc_lopt_fused": ratio("velo_fused", "small_fc_lopt_fused"),
@@ -198,9 +215,9 @@ def main():
         "celo_adam_fused_over_adamw": ratio("celo_adam_fused", "adamw_fused"),
     }
     for mode in ("_compiled", "_graph"):
-        for opt in ("small_fc_lopt", "velo", "celo", "celo_adam"):
+        for opt in ("small_fc_lopt", "mulo", "velo", "celo", "celo_adam"):
             ratios[f"{opt}_fused{mode}_over_adamw{mode}"] = ratio(f"{opt}_fused{mode}", f"adamw_fused{mode}")
-    for opt in ("small_fc_lopt", "velo", "celo", "celo_adam"):
+    for opt in ("small_fc_lopt", "mulo", "velo", "celo", "celo_adam"):
         ratios[f"{opt}_fused_emulated_cuda_over_fused"] = ratio(f"{opt}_fused_emulated_cuda", f"{opt}_fused")
     ratios = {k: v for k, v in ratios.items() if v is not None}
     for k, v in ratios.items():
