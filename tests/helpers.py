@@ -33,7 +33,7 @@ def set_grads(params_list, step, scale=0.1):
     grads = [torch.randn(p.shape, generator=gen) * scale for p in params_list[0]]
     for params in params_list:
         for p, g in zip(params, grads):
-            p.grad = g.to(p.dtype)
+            p.grad = g.to(p.device, p.dtype)
 
 
 def make_opt(params, **kw):

@@ -243,6 +243,21 @@ def test_small_fc_lopt_vectors_on_cuda(small_fc_lopt_vectors, small_fc_lopt_fixt
             assert (step - want).norm() / want.norm() <= 1e-5, (k, leaf)
 
 
+def test_mulo_vectors_on_cuda():
+    """MuLO's CUDA kernels (the μP multiplier, nan_to_num) against the original's trajectory."""
+    import test_mulo
+
+    test_mulo.check_vectors(*test_mulo.load_mulo_vectors(), fused=True, device="cuda")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mulo_fused_on_cuda_equals_the_reference(dtype):
+    """Mixed mup_scale groups, weight decay, NaN and +inf gradients: CUDA against the reference."""
+    import test_mulo
+
+    test_mulo.check_fused_against_reference(test_mulo.load_mulo_vectors()[1], dtype, device="cuda")
+
+
 def test_velo_vectors_on_cuda(velo_vectors):
     meta, t = velo_vectors
     leaves = meta["leaf_order"]

@@ -22,6 +22,11 @@ PATHS = {"fused-avx512": (True, "avx512"), "fused-avx2": (True, "avx2"), "fused-
 
 @pytest.fixture(scope="module")
 def mulo_vectors():
+    return load_mulo_vectors()
+
+
+def load_mulo_vectors():
+    """(meta, tensors) of ../shared/vectors/mulo_init; skips the test without them."""
     from safetensors.torch import load_file
 
     path = VECTORS / "mulo_init.json"
@@ -56,20 +61,25 @@ def test_mulo_matches_original(path, mulo_vectors, monkeypatch, request):
     if isa is not None:
         monkeypatch.setenv("LO_OPS_CPU_ISA", isa)
     enter_path(path, request)
-    meta, vec = mulo_vectors
+    check_vectors(*mulo_vectors, fused=fused)
+
+
+def check_vectors(meta, vec, fused, device="cpu"):
+    """MuLO on ``device`` (fused or the reference) against the original's trajectory: each
+    update's step read back exactly with a large lr, and the state."""
     leaves = meta["leaf_order"]
-    params = [torch.nn.Parameter(vec[f"params.step0.{k}"].clone()) for k in leaves]
+    params = [torch.nn.Parameter(vec[f"params.step0.{k}"].clone().to(device)) for k in leaves]
     opt = lo_ops.MuLO(_groups(meta, vec, params), lr=LR_PROBE, pretrained=_network(vec), fused=fused)
     assert opt.step_mult == 0.01 and opt.exp_mult == 0.001
     for k in range(1, meta["n_updates"] + 1):
         with torch.no_grad():
             for name, p in zip(leaves, params):
                 p.copy_(vec[f"params.step{k - 1}.{name}"])
-                p.grad = vec[f"grads.step{k}.{name}"].clone()
+                p.grad = vec[f"grads.step{k}.{name}"].clone().to(device)
         opt.step()
         for name, p in zip(leaves, params):
             prev = vec[f"params.step{k - 1}.{name}"].double()
-            ours = (prev - p.detach().double()) / LR_PROBE
+            ours = (prev - p.detach().cpu().double()) / LR_PROBE
             ref = vec[f"steps.step{k}.{name}"].double()
             err = (ours - ref).norm() / ref.norm()
             assert err <= STEP_RTOL, f"update {k}, {name}: relative step error {err:.3g}"
@@ -78,7 +88,7 @@ def test_mulo_matches_original(path, mulo_vectors, monkeypatch, request):
                 {"fac_v_row": "fac_row", "fac_v_col": "fac_col"} if len(shape) >= 2 else {"fac_v_diag": "fac_diag"})
             for jax_name, ours_name in names.items():
                 expected = _jax_state(ours_name, shape, vec[f"state.step{k}.{jax_name}.{name}"])
-                torch.testing.assert_close(state[ours_name], expected, rtol=1e-5,
+                torch.testing.assert_close(state[ours_name].cpu(), expected, rtol=1e-5,
                                            atol=1e-6 * expected.abs().max().item(),
                                            msg=lambda m: f"update {k}, {name}, {ours_name}: {m}")
             assert state["step"].item() == k
@@ -145,15 +155,22 @@ def test_compiled_mulo_equals_eager_without_recompiles(mulo_vectors):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_fused_equals_reference_with_mixed_mup_scales(mulo_vectors, dtype):
-    meta, vec = mulo_vectors
+    check_fused_against_reference(mulo_vectors[1], dtype)
+
+
+def check_fused_against_reference(vec, dtype, device="cpu"):
+    """The fused kernels on ``device`` against the reference (on the CPU): the shape zoo in 5
+    groups of mixed mup_scale, weight decay, NaN and +inf gradient elements, 5 steps."""
     runs = []
     for fused in (True, False):
         params = make_params(SHAPES, dtype)
+        if fused:
+            params = [torch.nn.Parameter(p.detach().to(device)) for p in params]
         scales = [1.0, 1 / 7, 0.5, 2 / 3, 1 / 64]
         groups = [{"params": params[i::5], "mup_scale": scales[i]} for i in range(5)]
         opt = lo_ops.MuLO(groups, pretrained=_network(vec), fused=fused, weight_decay=0.05, lr=0.5)
         for k in range(5):
-            set_grads([params], k)
+            set_grads([params], k)  # (the same values on every device)
             params[3].grad.view(-1)[0] = float("nan")
             params[4].grad.view(-1)[1] = float("inf")
             opt.step()
@@ -161,9 +178,9 @@ def test_fused_equals_reference_with_mixed_mup_scales(mulo_vectors, dtype):
     tol = dict(rtol=2e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
     (fp, fo), (rp, ro) = runs
     for i, (a, b) in enumerate(zip(fp, rp)):
-        torch.testing.assert_close(a, b, **tol, equal_nan=True, msg=lambda m: f"param {i}: {m}")
+        torch.testing.assert_close(a.cpu(), b, **tol, equal_nan=True, msg=lambda m: f"param {i}: {m}")
         for key in fo.state[a]:
-            x, y = fo.state[a][key], ro.state[b][key]
+            x, y = fo.state[a][key].cpu(), ro.state[b][key]
             finite = x[torch.isfinite(x)]
             scale = float(finite.abs().max()) if finite.numel() else 0.0
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7 + 1e-5 * scale, equal_nan=True,
