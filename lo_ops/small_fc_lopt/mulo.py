@@ -80,8 +80,8 @@ class MuLO(SmallFCLOpt):
             check_mup_scale(param_group["mup_scale"], f"param_groups[{len(self.param_groups)}]['mup_scale']")
         super().add_param_group(param_group)
 
-    def _step_options(self, group) -> dict[str, Any]:
-        return {"step_scale": float(group["mup_scale"]), "nan_to_num": True}
+    def _step_scale(self, group) -> float:
+        return float(group["mup_scale"])
 
 
 def check_mup_scale(value, name: str) -> None:

@@ -184,12 +184,13 @@ class SmallFCLOpt(LearnedOptimizer):
                     lr = group_lr(group, device)
                     fn = torch.ops.lo_ops.small_fc_lopt_step_ if self._fused_for(device) else reference.small_fc_lopt_step_
                     fn(*bucket, lr, weights, decays, float(group["weight_decay"]), self.step_mult, self.exp_mult,
-                       None if skip is None else skip.to(device, non_blocking=True), **self._step_options(group))
+                       None if skip is None else skip.to(device, non_blocking=True), self._step_scale(group),
+                       self._nan_to_num)
         return loss
 
-    def _step_options(self, group) -> dict[str, Any]:
-        """The op's μLO arguments for ``group`` (none for small_fc_lopt itself)."""
-        return {}
+    def _step_scale(self, group) -> float:
+        """The multiplier of ``group``'s steps (μLO's s; 1 for small_fc_lopt itself)."""
+        return 1.0
 
     def _step_sharded(self, sharded_groups, skip: Tensor | None) -> Tensor | None:
         """The DTensor parameters of every group (``(group index, lists)`` pairs): the phases
@@ -207,7 +208,7 @@ class SmallFCLOpt(LearnedOptimizer):
         weights, decays = self._meta(device)
         lrs = [group_lr(group, device) for group in self.param_groups]
         wds = [float(group["weight_decay"]) for group in self.param_groups]
-        scales = [self._step_options(group).get("step_scale", 1.0) for group in self.param_groups]
+        scales = [self._step_scale(group) for group in self.param_groups]
         skip = None if skip is None else skip.to(device, non_blocking=True)
         if self._phased_fused_for(device):
             return _phases.small_fc_lopt_step(
